@@ -1,0 +1,145 @@
+// Loss math shared by every backend: written once as host+device inline functions so the CPU kernel
+// (exercised by the float64 oracle tests on any machine) and the CUDA kernel compute the same formulas.
+//
+// Conventions (see DESIGN.md §2): each task's loss is the mean over its valid entries; every function here
+// returns the *unnormalised* per-entry loss and d(loss)/d(logit); the kernels scale the gradient by
+// 1 / denominator of the task (0 when the task has no valid entry, so it contributes 0 and gets zero grads).
+//
+// No torch headers here: this file is included from .cu files that must compile without them.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+#if defined(__CUDACC__)
+#define MTLFAST_HD __host__ __device__ __forceinline__
+#else
+#define MTLFAST_HD inline
+#endif
+
+namespace mtlfast {
+
+// Stable integer codes: they travel through the op schema as int[] (see csrc/registration.cpp) and are
+// mirrored by mtlfast/tasks.py::LossKind.
+enum LossKind : int64_t {
+  kNone = 0,          // task absent from this batch: loss 0, zero gradient
+  kCrossEntropy = 1,  // multiclass; target = class index; ignore_index, label smoothing, class weights
+  kBCE = 2,           // binary / multi-label BCE-with-logits; NaN target = missing; pos_weight
+  kMSE = 3,           // regression, NaN target = missing
+  kL1 = 4,
+  kHuber = 5,         // param = delta
+  kDistill = 6,       // reserved: soft targets / teacher logits with temperature (transfer issue)
+};
+
+template <typename acc_t>
+struct LossAndGrad {
+  acc_t loss;
+  acc_t grad;
+};
+
+template <typename acc_t>
+MTLFAST_HD acc_t stable_softplus(acc_t x) {
+  // log(1 + exp(x)) without overflow for large |x|.
+  return (x > acc_t(0) ? x : acc_t(0)) + ::log1p(::exp(-::fabs(x)));
+}
+
+template <typename acc_t>
+MTLFAST_HD acc_t stable_sigmoid(acc_t x) {
+  if (x >= acc_t(0)) {
+    return acc_t(1) / (acc_t(1) + ::exp(-x));
+  }
+  const acc_t e = ::exp(x);
+  return e / (acc_t(1) + e);
+}
+
+// BCE with logits, PyTorch's formula: pos_weight*y*softplus(-z) + (1-y)*softplus(z).
+template <typename acc_t>
+MTLFAST_HD LossAndGrad<acc_t> bce_with_logits(acc_t z, acc_t y, acc_t pos_weight) {
+  const acc_t s = stable_sigmoid(z);
+  LossAndGrad<acc_t> r;
+  r.loss = pos_weight * y * stable_softplus(-z) + (acc_t(1) - y) * stable_softplus(z);
+  r.grad = (acc_t(1) - y) * s - pos_weight * y * (acc_t(1) - s);
+  return r;
+}
+
+template <typename acc_t>
+MTLFAST_HD LossAndGrad<acc_t> squared_error(acc_t z, acc_t y) {
+  const acc_t d = z - y;
+  return {d * d, acc_t(2) * d};
+}
+
+template <typename acc_t>
+MTLFAST_HD LossAndGrad<acc_t> absolute_error(acc_t z, acc_t y) {
+  const acc_t d = z - y;
+  // PyTorch's l1_loss gradient is sign(d), 0 at d == 0.
+  const acc_t sign = d > acc_t(0) ? acc_t(1) : (d < acc_t(0) ? acc_t(-1) : acc_t(0));
+  return {::fabs(d), sign};
+}
+
+template <typename acc_t>
+MTLFAST_HD LossAndGrad<acc_t> huber(acc_t z, acc_t y, acc_t delta) {
+  const acc_t d = z - y;
+  const acc_t ad = ::fabs(d);
+  if (ad < delta) {
+    return {acc_t(0.5) * d * d, d};
+  }
+  const acc_t sign = d > acc_t(0) ? acc_t(1) : acc_t(-1);
+  return {delta * (ad - acc_t(0.5) * delta), delta * sign};
+}
+
+// Dense (element-wise) kinds in one switch, so a kernel's inner loop stays branch-light per task.
+template <typename acc_t>
+MTLFAST_HD LossAndGrad<acc_t> elementwise_loss(int64_t kind, acc_t z, acc_t y, acc_t param) {
+  switch (kind) {
+    case kBCE:
+      return bce_with_logits(z, y, param);
+    case kMSE:
+      return squared_error(z, y);
+    case kL1:
+      return absolute_error(z, y);
+    case kHuber:
+    default:
+      return huber(z, y, param);
+  }
+}
+
+// Cross-entropy with label smoothing ε and class weights w, matching torch.nn.functional.cross_entropy:
+//   row loss  = (1-ε)·w_y·(lse - z_y) + (ε/C)·Σ_c w_c·(lse - z_c)
+//             = (a + B)·lse - a·z_y - Σ_c b_c·z_c,   a = (1-ε)·w_y,  b_c = (ε/C)·w_c,  B = Σ_c b_c
+//   d/dz_c    = (a + B)·p_c - a·[c == y] - b_c,     p = softmax(z)
+//   the task's denominator accumulates w_y (the count of valid rows when unweighted).
+// A kernel computes the row statistics (max, Σexp, z_y, Σ b_c z_c) its own way and calls these.
+template <typename acc_t>
+struct CrossEntropyRow {
+  acc_t a;  // (1-ε)·w_y
+  acc_t B;  // (ε/C)·Σ_c w_c
+};
+
+template <typename acc_t>
+MTLFAST_HD CrossEntropyRow<acc_t> cross_entropy_row(acc_t label_smoothing, acc_t weight_of_target,
+                                                    acc_t sum_class_weights, int64_t num_classes) {
+  CrossEntropyRow<acc_t> r;
+  r.a = (acc_t(1) - label_smoothing) * weight_of_target;
+  r.B = label_smoothing / acc_t(num_classes) * sum_class_weights;
+  return r;
+}
+
+template <typename acc_t>
+MTLFAST_HD acc_t cross_entropy_row_loss(const CrossEntropyRow<acc_t>& row, acc_t log_sum_exp, acc_t target_logit,
+                                        acc_t smoothing_dot_logits /* Σ_c b_c z_c */) {
+  return (row.a + row.B) * log_sum_exp - row.a * target_logit - smoothing_dot_logits;
+}
+
+template <typename acc_t>
+MTLFAST_HD acc_t cross_entropy_grad(const CrossEntropyRow<acc_t>& row, acc_t prob, bool is_target,
+                                    acc_t smoothing_weight /* b_c */) {
+  return (row.a + row.B) * prob - (is_target ? row.a : acc_t(0)) - smoothing_weight;
+}
+
+// 1 / denominator, or 0 for a task with no valid entry (it then contributes 0 and gets zero gradient).
+template <typename acc_t>
+MTLFAST_HD acc_t safe_reciprocal(acc_t denominator) {
+  return denominator > acc_t(0) ? acc_t(1) / denominator : acc_t(0);
+}
+
+}  // namespace mtlfast

@@ -1,0 +1,61 @@
+// Every op schema of mtlfast, defined once, plus the pybind11 module `mtlfast._C` (build information).
+// Kernels register per dispatch key in csrc/cpu/ and csrc/cuda/; the backward ops are composite (ATen calls)
+// and registered in csrc/multi_task_loss_backward.cpp; fake kernels and autograd live in mtlfast/ops.py.
+//
+// Argument conventions shared by the forward ops (T tasks, S = Σ_t C_t packed head columns, N rows, D features):
+//   h            (N, D)  floating; fp32 / fp64 / bf16 / fp16
+//   weight       (S, D)  same dtype as h: the heads packed row-wise in task order
+//   bias         (S,)    optional, same dtype as h
+//   targets      T tensors, one per task: int64 (N,) class indices for cross-entropy; (N, C_t) floats of the
+//                accumulation dtype (float64 for fp64 inputs, else float32) for the dense kinds; an empty tensor
+//                for a task whose kind is kNone (absent from the batch)
+//   col_weight   (S,) optional, accumulation dtype: class weights (cross-entropy) / pos_weight (BCE) per column;
+//                1 where a task has none
+//   col_task     (S,) int64: the task of each column (used by the backward and by the CUDA kernels)
+//   kinds        T ints (mtlfast::LossKind)      col_offsets  T+1 ints, task t owns columns [off[t], off[t+1])
+//   ignore_index T ints (cross-entropy only)     params       T floats: label smoothing (CE) / pos_weight is per
+//                                                column / delta (Huber) / temperature (distillation)
+//   task_names   T strings, used in error messages only
+// Outputs: losses (T,) in the accumulation dtype, each task's mean over its valid entries (0 when none).
+#include <pybind11/pybind11.h>
+#include <torch/library.h>
+#include <torch/version.h>
+
+#include "mtlfast/build_info.h"
+
+TORCH_LIBRARY(mtlfast, m) {
+  // Small heads: the logit gradient dL_t/dz (already divided by each task's denominator) is produced while the
+  // logits are hot and returned for the backward. logits is returned only when return_logits (else empty).
+  m.def(
+      "multi_task_loss(Tensor h, Tensor weight, Tensor? bias, Tensor[] targets, Tensor? col_weight, "
+      "Tensor col_task, int[] kinds, int[] col_offsets, int[] ignore_index, float[] params, str[] task_names, "
+      "bool return_logits) -> (Tensor losses, Tensor grad_logits, Tensor logits)");
+  // Large heads: rows are processed in chunks of chunk_rows so the N×S logits never exist. Returns the per-task
+  // input gradients dL_t/dh (T, N, D) and the unscaled weight / bias gradients (S, D) / (S,) (the bias one is
+  // empty without bias), all in the accumulation dtype. Gradients of different tasks never mix in the weight
+  // gradient (disjoint rows), so the backward only rescales them by each task's coefficient.
+  m.def(
+      "multi_task_loss_chunked(Tensor h, Tensor weight, Tensor? bias, Tensor[] targets, Tensor? col_weight, "
+      "Tensor col_task, int[] kinds, int[] col_offsets, int[] ignore_index, float[] params, str[] task_names, "
+      "int chunk_rows) -> (Tensor losses, Tensor grad_h_per_task, Tensor grad_weight, Tensor grad_bias)");
+  // Backward of multi_task_loss for any per-task coefficient vector c = dTotal/dL (grad_losses):
+  //   dz = grad_logits · c[col_task] (+ grad of the logits output), dh = dz W, dW = dzᵀ h, db = Σ_rows dz.
+  m.def(
+      "multi_task_loss_backward(Tensor grad_losses, Tensor? grad_logits_output, Tensor grad_logits, Tensor h, "
+      "Tensor weight, Tensor col_task, bool has_bias) -> (Tensor grad_h, Tensor grad_weight, Tensor grad_bias)");
+  m.def(
+      "multi_task_loss_chunked_backward(Tensor grad_losses, Tensor grad_h_per_task, Tensor grad_weight, "
+      "Tensor grad_bias, Tensor col_task, ScalarType h_dtype) -> (Tensor grad_h, Tensor grad_weight, "
+      "Tensor grad_bias)");
+  // dL_t/dh for every task from the fused pass: out[t] = grad_logits[:, seg_t] @ weight[seg_t]  -> (T, N, D).
+  m.def("per_task_input_grads(Tensor grad_logits, Tensor weight, int[] col_offsets) -> Tensor");
+}
+
+PYBIND11_MODULE(_C, module) {
+  module.doc() = "mtlfast C++/CUDA extension: build information (the ops live in torch.ops.mtlfast)";
+  module.attr("__version__") = MTLFAST_VERSION;
+  module.attr("torch_version") = TORCH_VERSION;
+  module.attr("with_cuda") = mtlfast::kBuiltWithCuda;
+  module.attr("cuda_archs") = MTLFAST_CUDA_ARCHS;
+  module.attr("with_openmp") = mtlfast::kBuiltWithOpenMP;
+}
