@@ -1,0 +1,99 @@
+"""The static description of a group of tasks packed into one fused op call.
+
+Everything here is plain Python ints/floats/strings (they become the op's int[]/float[]/str[] arguments, constant
+under torch.compile) plus two small per-device tensors cached so a training step never rebuilds them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from functools import cached_property
+
+import torch
+
+from mtlfast.tasks import LossKind, Task
+
+
+class TaskLayout:
+    """Column layout of tasks packed row-wise into one (S, D) head weight, S = Σ num_outputs."""
+
+    def __init__(self, tasks: Sequence[Task]):
+        if not tasks:
+            raise ValueError("mtlfast: at least one task is required")
+        names = [task.name for task in tasks]
+        duplicates = sorted({name for name in names if names.count(name) > 1})
+        if duplicates:
+            raise ValueError(f"mtlfast: duplicate task names {duplicates}")
+        self.tasks: tuple[Task, ...] = tuple(tasks)
+        self.names: tuple[str, ...] = tuple(names)
+        self.kinds: tuple[int, ...] = tuple(int(task.kind) for task in tasks)
+        offsets = [0]
+        for task in tasks:
+            offsets.append(offsets[-1] + task.num_outputs)
+        self.col_offsets: tuple[int, ...] = tuple(offsets)
+        self.ignore_index: tuple[int, ...] = tuple(task.ignored_class for task in tasks)
+        self.params: tuple[float, ...] = tuple(task.param for task in tasks)
+        self.index: dict[str, int] = {name: i for i, name in enumerate(names)}
+        self._device_cache: dict[tuple, torch.Tensor] = {}
+
+    @property
+    def num_tasks(self) -> int:
+        return len(self.tasks)
+
+    @property
+    def num_columns(self) -> int:
+        return self.col_offsets[-1]
+
+    def columns(self, task: int) -> slice:
+        return slice(self.col_offsets[task], self.col_offsets[task + 1])
+
+    def kinds_present(self, present: Sequence[bool]) -> tuple[int, ...]:
+        """The kinds list for a batch where only some tasks have targets (absent ones become NONE)."""
+        return tuple(kind if here else int(LossKind.NONE) for kind, here in zip(self.kinds, present))
+
+    @cached_property
+    def _column_weights_cpu(self) -> torch.Tensor | None:
+        per_task = [task.column_weights() for task in self.tasks]
+        if all(w is None for w in per_task):
+            return None
+        return torch.cat(
+            [w if w is not None else torch.ones(task.num_outputs, dtype=torch.float64) for w, task in zip(per_task, self.tasks)]
+        )
+
+    def col_task(self, device: torch.device) -> torch.Tensor:
+        """(S,) int64: the task owning each column."""
+        key = ("col_task", device)
+        cached = self._device_cache.get(key)
+        if cached is None:
+            widths = torch.tensor([t.num_outputs for t in self.tasks])
+            cached = torch.repeat_interleave(torch.arange(self.num_tasks), widths).to(device)
+            self._device_cache[key] = cached
+        return cached
+
+    def col_weight(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor | None:
+        """(S,) class weights / pos_weight per column in the accumulation dtype, or None when all are uniform."""
+        if self._column_weights_cpu is None:
+            return None
+        key = ("col_weight", device, dtype)
+        cached = self._device_cache.get(key)
+        if cached is None:
+            cached = self._column_weights_cpu.to(device=device, dtype=dtype)
+            self._device_cache[key] = cached
+        return cached
+
+    def default_task_weights(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """(T,) the tasks' own ``weight`` values as λ."""
+        key = ("task_weights", device, dtype)
+        cached = self._device_cache.get(key)
+        if cached is None:
+            cached = torch.tensor([task.weight for task in self.tasks], dtype=dtype, device=device)
+            self._device_cache[key] = cached
+        return cached
+
+    def __repr__(self) -> str:
+        return f"TaskLayout({', '.join(f'{n}:{t.num_outputs}' for n, t in zip(self.names, self.tasks))})"
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float64 for float64 inputs, float32 for everything else (fp32 accumulation of half types)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32

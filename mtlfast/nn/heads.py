@@ -1,0 +1,284 @@
+"""MultiTaskHeads: every task head of a model, and every task loss, in one fused op per input."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from mtlfast._layout import TaskLayout, accumulation_dtype
+from mtlfast.functional import Targets, multi_task_loss
+from mtlfast.tasks import DEFAULT_INPUT, Task
+
+
+class _LazySplit(Mapping[str, torch.Tensor]):
+    """name → per-task tensor, split from one packed tensor only when read (no per-task work in the step)."""
+
+    def __init__(self, packed: torch.Tensor, names: Sequence[str], split: Any):
+        self._packed, self._names, self._split, self._parts = packed, tuple(names), split, None
+
+    def _materialise(self) -> dict[str, torch.Tensor]:
+        if self._parts is None:
+            self._parts = dict(zip(self._names, self._split(self._packed)))
+        return self._parts
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self._materialise()[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+    def __repr__(self) -> str:
+        return f"{{{', '.join(self._names)}}}"
+
+
+class MultiTaskOutput:
+    """What :meth:`MultiTaskHeads.forward` returns.
+
+    Attributes:
+        loss: Σ λ_t·L_t over the tasks present in the batch, a scalar tensor.
+        loss_vector: (T,) per-task losses in ``heads.task_names`` order (0 for absent tasks).
+        losses: name → scalar loss tensor, only for tasks present in the batch (differentiable, no host sync).
+        logits: name → logits, when requested.
+        input_grads: name → dL_t/dh (unweighted, same shape as that task's input), when requested.
+    """
+
+    def __init__(self, loss, loss_vector, present, logits=None, input_grads=None):
+        self.loss = loss
+        self.loss_vector = loss_vector
+        self.losses: Mapping[str, torch.Tensor] = _LazySplit(
+            loss_vector, [n for n, here in present], lambda v: [v[i] for i, (_, here) in enumerate(present) if here]
+        ) if not all(here for _, here in present) else _LazySplit(loss_vector, [n for n, _ in present], torch.unbind)
+        self.logits = logits
+        self.input_grads = input_grads
+
+    def __repr__(self) -> str:
+        return f"MultiTaskOutput(loss={self.loss!r}, tasks={list(self.losses)})"
+
+
+class _PackedHeads(nn.Module):
+    """One input's task heads packed row-wise: weight (S, D), bias (S,)."""
+
+    def __init__(self, layout: TaskLayout, in_features: int, bias: bool, device=None, dtype=None):
+        super().__init__()
+        self.layout = layout
+        self.in_features = in_features
+        self.weight = nn.Parameter(torch.empty(layout.num_columns, in_features, device=device, dtype=dtype))
+        self.bias = nn.Parameter(torch.empty(layout.num_columns, device=device, dtype=dtype)) if bias else None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        # Task by task, in the order and with the bounds of nn.Linear(D, C_t) (kaiming_uniform(a=√5) = U(±1/√D)),
+        # so a seeded model starts from the same values as the equivalent nn.ModuleDict of Linear layers.
+        bound = 1.0 / math.sqrt(self.in_features) if self.in_features > 0 else 0.0
+        with torch.no_grad():
+            for t in range(self.layout.num_tasks):
+                rows = self.layout.columns(t)
+                nn.init.kaiming_uniform_(self.weight[rows], a=math.sqrt(5))
+                if self.bias is not None:
+                    self.bias[rows].uniform_(-bound, bound)
+
+
+class MultiTaskHeads(nn.Module):
+    """Drop-in task heads: ``nn.ModuleDict({name: nn.Linear(D, C_t)})`` plus every loss, fused.
+
+    Args:
+        in_features: D, or a mapping input name → D when tasks read different representations
+            (``Classification("ner", 9, input="tokens")``).
+        tasks: the task specs; their ``weight`` gives the initial λ (``heads.task_weights``, a (T,) buffer you may
+            replace with a learnable ``nn.Parameter`` or update in place).
+        bias: whether heads have a bias.
+        chunk_rows: rows per chunk for large heads ("auto", an int, or None to never chunk).
+
+    ``state_dict()`` has exactly the keys and shapes of the ModuleDict of Linear layers (``"topic.weight"``,
+    ``"topic.bias"``, …) and ``load_state_dict`` accepts one. Internally each input's heads are one (S, D) parameter.
+    """
+
+    def __init__(
+        self,
+        in_features: int | Mapping[str, int],
+        tasks: Sequence[Task],
+        *,
+        bias: bool = True,
+        chunk_rows: int | str | None = "auto",
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ):
+        super().__init__()
+        tasks = list(tasks)
+        TaskLayout(tasks)  # validates names once for the whole set
+        inputs = list(dict.fromkeys(task.input for task in tasks))
+        if isinstance(in_features, Mapping):
+            missing = [name for name in inputs if name not in in_features]
+            if missing:
+                raise ValueError(f"mtlfast: in_features has no size for inputs {missing}")
+            sizes = dict(in_features)
+        else:
+            sizes = {name: int(in_features) for name in inputs}
+        self.inputs: tuple[str, ...] = tuple(inputs)
+        self.packed = nn.ModuleDict()
+        for name in inputs:
+            layout = TaskLayout([task for task in tasks if task.input == name])
+            self.packed[name] = _PackedHeads(layout, sizes[name], bias, device=device, dtype=dtype)
+        self.tasks: tuple[Task, ...] = tuple(t for name in inputs for t in self.packed[name].layout.tasks)
+        self.task_names: tuple[str, ...] = tuple(task.name for task in self.tasks)
+        self.chunk_rows = chunk_rows
+        self.register_buffer(
+            "task_weights", torch.tensor([task.weight for task in self.tasks], device=device), persistent=False
+        )
+        self.register_state_dict_post_hook(_per_task_state_dict)
+        self.register_load_state_dict_pre_hook(_packed_state_dict)
+
+    # -- construction from existing heads ------------------------------------------------------------------------
+    @classmethod
+    def from_linear(cls, heads: Mapping[str, nn.Linear], tasks: Sequence[Task], **kwargs: Any) -> MultiTaskHeads:
+        """Convert ``{name: nn.Linear}`` (e.g. an ``nn.ModuleDict``) into fused heads with the same weights."""
+        for task in tasks:
+            if task.name not in heads:
+                raise KeyError(f"mtlfast: task '{task.name}' has no head in the given modules")
+            layer = heads[task.name]
+            if layer.out_features != task.num_outputs:
+                raise ValueError(
+                    f"mtlfast: task '{task.name}': head has {layer.out_features} outputs, the task needs {task.num_outputs}"
+                )
+        first = heads[tasks[0].name]
+        sizes = {task.input: heads[task.name].in_features for task in tasks}
+        has_bias = all(heads[task.name].bias is not None for task in tasks)
+        module = cls(sizes, tasks, bias=has_bias, device=first.weight.device, dtype=first.weight.dtype, **kwargs)
+        module.load_state_dict({k: v for task in tasks for k, v in _linear_items(task.name, heads[task.name], has_bias)})
+        return module
+
+    # -- accessors -----------------------------------------------------------------------------------------------
+    def head_weight(self, name: str) -> torch.Tensor:
+        """(C_t, D) view of task ``name``'s weight inside the packed parameter."""
+        group, t = self._locate(name)
+        return group.weight[group.layout.columns(t)]
+
+    def head_bias(self, name: str) -> torch.Tensor | None:
+        group, t = self._locate(name)
+        return None if group.bias is None else group.bias[group.layout.columns(t)]
+
+    def _locate(self, name: str) -> tuple[_PackedHeads, int]:
+        for group in self.packed.values():
+            if name in group.layout.index:
+                return group, group.layout.index[name]
+        raise KeyError(f"mtlfast: no task named {name!r}; tasks are {list(self.task_names)}")
+
+    def _inputs_of(self, h: torch.Tensor | Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        if isinstance(h, torch.Tensor):
+            if len(self.inputs) != 1:
+                raise ValueError(f"mtlfast: tasks read several inputs {list(self.inputs)}; pass h as a dict")
+            return {self.inputs[0]: h}
+        missing = [name for name in self.inputs if name not in h]
+        if missing:
+            raise KeyError(f"mtlfast: no representation given for inputs {missing}")
+        return {name: h[name] for name in self.inputs}
+
+    # -- forward -------------------------------------------------------------------------------------------------
+    def forward(
+        self,
+        h: torch.Tensor | Mapping[str, torch.Tensor],
+        targets: Targets,
+        *,
+        return_logits: bool = False,
+        per_task_input_grads: bool = False,
+    ) -> MultiTaskOutput:
+        """Losses of every task with a target in ``targets`` (a mapping by task name; absent tasks are skipped).
+
+        ``h`` is (..., D) or a mapping input name → (..., D_input); targets follow the batch shape of their input.
+        """
+        if not isinstance(targets, Mapping):
+            raise TypeError("mtlfast: MultiTaskHeads targets must be a mapping task name → tensor")
+        unknown = sorted(set(targets) - set(self.task_names))
+        if unknown:
+            raise KeyError(f"mtlfast: targets given for unknown tasks {unknown}; tasks are {list(self.task_names)}")
+        representations = self._inputs_of(h)
+        loss_vectors, logits, input_grads = [], {}, {}
+        present = [(name, targets.get(name) is not None) for name in self.task_names]
+        offset = 0
+        for input_name, group in self.packed.items():
+            layout = group.layout
+            lam = self.task_weights[offset : offset + layout.num_tasks]
+            offset += layout.num_tasks
+            x = representations[input_name]
+            group_targets = [targets.get(name) for name in layout.names]
+            if all(t is None for t in group_targets):
+                acc = accumulation_dtype(x.dtype)
+                loss_vectors.append(torch.zeros(layout.num_tasks, dtype=acc, device=x.device))
+                continue
+            out = multi_task_loss(
+                x, group.weight, group.bias, group_targets, layout, lam,
+                return_logits=return_logits, per_task_input_grads=per_task_input_grads, chunk_rows=self.chunk_rows,
+            )
+            loss_vectors.append(out.losses)
+            if return_logits:
+                logits.update(_split_columns(out.logits, layout))
+            if per_task_input_grads:
+                input_grads.update(zip(layout.names, out.input_grads.unbind(0)))
+        loss_vector = loss_vectors[0] if len(loss_vectors) == 1 else torch.cat(loss_vectors)
+        total = (self.task_weights.to(loss_vector.dtype) * loss_vector).sum()
+        return MultiTaskOutput(
+            total, loss_vector, present,
+            logits=logits if return_logits else None,
+            input_grads=input_grads if per_task_input_grads else None,
+        )
+
+    @torch.no_grad()
+    def predict(self, h: torch.Tensor | Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """name → logits: (..., C) for multi-output tasks, (...) for Binary and Regression(dim=1)."""
+        return self.logits(h)
+
+    def logits(self, h: torch.Tensor | Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Differentiable logits of every head (one GEMM per input), split per task as in :meth:`predict`."""
+        representations = self._inputs_of(h)
+        result: dict[str, torch.Tensor] = {}
+        for input_name, group in self.packed.items():
+            packed = nn.functional.linear(representations[input_name], group.weight, group.bias)
+            result.update(_split_columns(packed, group.layout))
+        return result
+
+    def extra_repr(self) -> str:
+        groups = ", ".join(f"{name}: D={g.in_features} {g.layout!r}" for name, g in self.packed.items())
+        return f"{groups}, bias={next(iter(self.packed.values())).bias is not None}"
+
+
+def _split_columns(packed: torch.Tensor, layout: TaskLayout) -> dict[str, torch.Tensor]:
+    parts = torch.split(packed, [task.num_outputs for task in layout.tasks], dim=-1)
+    return {
+        task.name: part if task.target_has_class_dim or task.target_is_index else part.squeeze(-1)
+        for task, part in zip(layout.tasks, parts)
+    }
+
+
+def _linear_items(name: str, layer: nn.Linear, with_bias: bool):
+    yield f"{name}.weight", layer.weight
+    if with_bias:
+        yield f"{name}.bias", layer.bias
+
+
+def _per_task_state_dict(module: MultiTaskHeads, state_dict: dict, prefix: str, local_metadata: dict) -> None:
+    for input_name, group in module.packed.items():
+        key = f"{prefix}packed.{input_name}."
+        weight = state_dict.pop(key + "weight")
+        bias = state_dict.pop(key + "bias", None)
+        for t, name in enumerate(group.layout.names):
+            rows = group.layout.columns(t)
+            state_dict[f"{prefix}{name}.weight"] = weight[rows]
+            if bias is not None:
+                state_dict[f"{prefix}{name}.bias"] = bias[rows]
+
+
+def _packed_state_dict(module: MultiTaskHeads, state_dict: dict, prefix: str, local_metadata, strict, missing_keys,
+                       unexpected_keys, error_msgs) -> None:
+    for input_name, group in module.packed.items():
+        for part in ("weight", "bias"):
+            keys = [f"{prefix}{name}.{part}" for name in group.layout.names]
+            if getattr(group, part) is None or not all(k in state_dict for k in keys):
+                continue  # leave them: the strict check then names what is missing or unexpected
+            state_dict[f"{prefix}packed.{input_name}.{part}"] = torch.cat([state_dict.pop(k) for k in keys])

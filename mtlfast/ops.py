@@ -1,0 +1,115 @@
+"""The dispatcher ops ``torch.ops.mtlfast.*``: fake (meta) kernels and autograd formulas.
+
+Schemas and kernels come from the compiled extension (csrc/registration.cpp, csrc/cpu, csrc/cuda) or, when it is
+not available, from :mod:`mtlfast._fallback`. Either way the ops below are registered once, here, so they are
+differentiable and trace under ``torch.compile(fullgraph=True)`` without graph breaks.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from mtlfast import _extension, _fallback
+
+if not _extension.HAS_C:
+    _fallback.define_ops()
+
+_ops = torch.ops.mtlfast
+
+
+def _acc(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Fake kernels: output shapes and dtypes only.
+
+
+@torch.library.register_fake("mtlfast::multi_task_loss")
+def _(h, weight, bias, targets, col_weight, col_task, kinds, col_offsets, ignore_index, params, task_names,
+      return_logits):
+    n, s = h.shape[0], weight.shape[0]
+    losses = h.new_empty(len(kinds), dtype=_acc(h.dtype))
+    logits = h.new_empty(n, s) if return_logits else h.new_empty(0)
+    return losses, h.new_empty(n, s), logits
+
+
+@torch.library.register_fake("mtlfast::multi_task_loss_chunked")
+def _(h, weight, bias, targets, col_weight, col_task, kinds, col_offsets, ignore_index, params, task_names,
+      chunk_rows):
+    acc = _acc(h.dtype)
+    (n, d), s, t = h.shape, weight.shape[0], len(kinds)
+    grad_bias = h.new_empty(s, dtype=acc) if bias is not None else h.new_empty(0, dtype=acc)
+    return h.new_empty(t, dtype=acc), h.new_empty(t, n, d, dtype=acc), h.new_empty(s, d, dtype=acc), grad_bias
+
+
+@torch.library.register_fake("mtlfast::multi_task_loss_backward")
+def _(grad_losses, grad_logits_output, grad_logits, h, weight, col_task, has_bias):
+    grad_bias = h.new_empty(weight.shape[0]) if has_bias else h.new_empty(0)
+    return torch.empty_like(h), torch.empty_like(weight), grad_bias
+
+
+@torch.library.register_fake("mtlfast::multi_task_loss_chunked_backward")
+def _(grad_losses, grad_h_per_task, grad_weight, grad_bias, col_task, h_dtype):
+    _, n, d = grad_h_per_task.shape
+    return (
+        grad_h_per_task.new_empty(n, d, dtype=h_dtype),
+        grad_weight.new_empty(grad_weight.shape, dtype=h_dtype),
+        grad_bias.new_empty(grad_bias.shape, dtype=h_dtype),
+    )
+
+
+@torch.library.register_fake("mtlfast::per_task_input_grads")
+def _(grad_logits, weight, col_offsets):
+    return grad_logits.new_empty(len(col_offsets) - 1, grad_logits.shape[0], weight.shape[1])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Autograd: the forward hands the backward the logit gradient of every task (or, chunked, the per-task input
+# gradients); the backward only applies the per-task coefficients c = dTotal/dL that autograd delivers.
+
+
+def _setup_multi_task_loss(ctx, inputs, output):
+    h, weight, bias, *_rest = inputs
+    col_task = inputs[5]
+    _losses, grad_logits, logits = output
+    ctx.save_for_backward(h, weight, grad_logits, col_task)
+    ctx.has_bias = bias is not None
+    ctx.num_tasks = len(inputs[6])
+    ctx.mark_non_differentiable(grad_logits)
+    if logits.numel() == 0:
+        ctx.mark_non_differentiable(logits)
+    ctx.set_materialize_grads(False)  # an unused logits output must not cost an N×S tensor of zeros
+
+
+def _backward_multi_task_loss(ctx, grad_losses, _grad_grad_logits, grad_logits_output):
+    h, weight, grad_logits, col_task = ctx.saved_tensors
+    if grad_losses is None:
+        grad_losses = torch.zeros(ctx.num_tasks, dtype=_acc(h.dtype), device=h.device)
+    grad_h, grad_weight, grad_bias = _ops.multi_task_loss_backward(
+        grad_losses, grad_logits_output, grad_logits, h, weight, col_task, ctx.has_bias
+    )
+    return grad_h, grad_weight, grad_bias if ctx.has_bias else None, [None] * ctx.num_tasks, *(None,) * 8
+
+
+def _setup_chunked(ctx, inputs, output):
+    h, _weight, bias, *_rest = inputs
+    col_task = inputs[5]
+    _losses, grad_h_per_task, grad_weight, grad_bias = output
+    ctx.save_for_backward(grad_h_per_task, grad_weight, grad_bias, col_task)
+    ctx.has_bias = bias is not None
+    ctx.h_dtype = h.dtype
+    ctx.num_tasks = len(inputs[6])
+    ctx.mark_non_differentiable(grad_h_per_task, grad_weight, grad_bias)
+
+
+def _backward_chunked(ctx, grad_losses, *_unused):
+    grad_h_per_task, grad_weight, grad_bias, col_task = ctx.saved_tensors
+    grad_h, dW, db = _ops.multi_task_loss_chunked_backward(
+        grad_losses, grad_h_per_task, grad_weight, grad_bias, col_task, ctx.h_dtype
+    )
+    return grad_h, dW, db if ctx.has_bias else None, [None] * ctx.num_tasks, *(None,) * 8
+
+
+torch.library.register_autograd("mtlfast::multi_task_loss", _backward_multi_task_loss, setup_context=_setup_multi_task_loss)
+torch.library.register_autograd("mtlfast::multi_task_loss_chunked", _backward_chunked, setup_context=_setup_chunked)
