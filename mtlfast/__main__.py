@@ -1,0 +1,3 @@
+from mtlfast.cli import main
+
+raise SystemExit(main())

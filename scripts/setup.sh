@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Creates (or reuses) the virtual environment and builds mtlfast from source into it, editable.
+# Used by the Makefile (README's commands) and by CI. Idempotent: a second run only rebuilds what changed.
+#
+#   MTLFAST_VENV   where the venv lives (default: .venv in the clone)
+#   MTLFAST_TORCH  torch version (default: 2.14.1, the CUDA build, when a CUDA toolkit is present so the CUDA
+#                  kernels are compiled; else 2.13.0, the CPU build)
+#   MTLFAST_CUDA   auto|ON|OFF — build the CUDA kernels (default auto: when nvcc and a CUDA torch are present)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+CUDA_HOME="${CUDA_HOME:-/usr/local/cuda}"
+if [[ -z "${MTLFAST_TORCH:-}" ]]; then
+  if [[ -x "$CUDA_HOME/bin/nvcc" ]]; then MTLFAST_TORCH=2.14.1; else MTLFAST_TORCH=2.13.0; fi
+fi
+VENV="${MTLFAST_VENV:-.venv}"
+PY="$VENV/bin/python"
+
+installed_torch() { "$PY" -c 'import torch; print(torch.__version__.split("+")[0])' 2>/dev/null || true; }
+
+if [[ ! -x "$PY" || "$(installed_torch)" != "$MTLFAST_TORCH" ]]; then
+  echo "== creating $VENV with torch $MTLFAST_TORCH"
+  rm -rf "$VENV"
+  python3 -m venv "$VENV"
+  "$PY" -m pip install -q --upgrade pip
+  "$PY" -m pip install -q "torch==$MTLFAST_TORCH"
+fi
+# Build requirements are installed here because the build runs without isolation: it must compile against the
+# very torch it will run with (an isolated build would fetch another torch).
+"$PY" -m pip install -q "scikit-build-core>=0.10" "pybind11>=2.12" ninja "cmake>=3.26" numpy pytest expecttest hypothesis
+
+echo "== building mtlfast (torch $MTLFAST_TORCH, MTLFAST_CUDA=${MTLFAST_CUDA:-auto}, archs ${TORCH_CUDA_ARCH_LIST:-8.0;9.0})"
+mkdir -p build
+export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-8.0;9.0}"
+if ! timeout "${MTLFAST_BUILD_TIMEOUT:-1800}" "$PY" -m pip install --no-build-isolation --no-deps -v -e . >build/build.log 2>&1; then
+  echo "== build failed; last lines of build/build.log:"
+  tail -n 60 build/build.log
+  exit 1
+fi
+grep -E "mtlfast: CUDA kernels" build/build.log | tail -n 1 || true
+"$PY" -m mtlfast info
