@@ -60,35 +60,37 @@ class TaskLayout:
             [w if w is not None else torch.ones(task.num_outputs, dtype=torch.float64) for w, task in zip(per_task, self.tasks)]
         )
 
-    def col_task(self, device: torch.device) -> torch.Tensor:
-        """(S,) int64: the task owning each column."""
-        key = ("col_task", device)
+    def col_task_cpu(self) -> torch.Tensor:
+        widths = torch.tensor([t.num_outputs for t in self.tasks])
+        return torch.repeat_interleave(torch.arange(self.num_tasks), widths)
+
+    def col_weight_cpu(self) -> torch.Tensor | None:
+        return None if self._column_weights_cpu is None else self._column_weights_cpu.clone()
+
+    def _cached(self, key: tuple, make) -> torch.Tensor:
+        # Per-device copies are made once, outside any compiled region: while torch.compile traces, tensors made
+        # here would be fake, so they are rebuilt in the graph (small constants) instead of being cached.
+        if torch.compiler.is_compiling():
+            return make()
         cached = self._device_cache.get(key)
         if cached is None:
-            widths = torch.tensor([t.num_outputs for t in self.tasks])
-            cached = torch.repeat_interleave(torch.arange(self.num_tasks), widths).to(device)
-            self._device_cache[key] = cached
+            cached = self._device_cache[key] = make()
         return cached
+
+    def col_task(self, device: torch.device) -> torch.Tensor:
+        """(S,) int64: the task owning each column."""
+        return self._cached(("col_task", device), lambda: self.col_task_cpu().to(device))
 
     def col_weight(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor | None:
         """(S,) class weights / pos_weight per column in the accumulation dtype, or None when all are uniform."""
         if self._column_weights_cpu is None:
             return None
-        key = ("col_weight", device, dtype)
-        cached = self._device_cache.get(key)
-        if cached is None:
-            cached = self._column_weights_cpu.to(device=device, dtype=dtype)
-            self._device_cache[key] = cached
-        return cached
+        return self._cached(("col_weight", device, dtype), lambda: self._column_weights_cpu.to(device=device, dtype=dtype))
 
     def default_task_weights(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
         """(T,) the tasks' own ``weight`` values as λ."""
-        key = ("task_weights", device, dtype)
-        cached = self._device_cache.get(key)
-        if cached is None:
-            cached = torch.tensor([task.weight for task in self.tasks], dtype=dtype, device=device)
-            self._device_cache[key] = cached
-        return cached
+        weights = [task.weight for task in self.tasks]
+        return self._cached(("task_weights", device, dtype), lambda: torch.tensor(weights, dtype=dtype, device=device))
 
     def __repr__(self) -> str:
         return f"TaskLayout({', '.join(f'{n}:{t.num_outputs}' for n, t in zip(self.names, self.tasks))})"

@@ -104,6 +104,7 @@ def multi_task_loss(
     return_logits: bool = False,
     per_task_input_grads: bool = False,
     chunk_rows: int | str | None = "auto",
+    _tables: tuple[torch.Tensor, torch.Tensor | None] | None = None,
 ) -> MultiTaskLossOutput:
     """Every head's output, every task's loss and Σ λ_t·L_t in one fused op.
 
@@ -119,6 +120,9 @@ def multi_task_loss(
         return_logits: also return the (..., S) logits (then the small-head path is used).
         per_task_input_grads: also return dL_t/dh for every task, (T, ..., D), from the same fused pass.
         chunk_rows: rows per chunk for large heads; "auto" chunks when N·S is large and S > D; None never.
+
+    ``_tables`` (internal): the layout's (col_task, col_weight) tensors already on the device, as modules keep them
+    in buffers.
     """
     layout = tasks if isinstance(tasks, TaskLayout) else TaskLayout(tasks)
     if h.dim() < 1 or h.shape[-1] != weight.shape[-1]:
@@ -147,8 +151,11 @@ def multi_task_loss(
     kinds = layout.kinds_present(present) if not all(present) else layout.kinds
     h2 = h.reshape(-1, h.shape[-1])
     acc = accumulation_dtype(h.dtype)
-    col_task = layout.col_task(h.device)
-    col_weight = layout.col_weight(h.device, acc)
+    if _tables is not None:
+        col_task, col_weight = _tables
+        col_weight = None if col_weight is None else col_weight.to(acc)
+    else:
+        col_task, col_weight = layout.col_task(h.device), layout.col_weight(h.device, acc)
     common = (list(kinds), list(layout.col_offsets), list(layout.ignore_index), list(layout.params), list(layout.names))
 
     logits = input_grads = None

@@ -71,6 +71,10 @@ class _PackedHeads(nn.Module):
         self.in_features = in_features
         self.weight = nn.Parameter(torch.empty(layout.num_columns, in_features, device=device, dtype=dtype))
         self.bias = nn.Parameter(torch.empty(layout.num_columns, device=device, dtype=dtype)) if bias else None
+        # The layout's per-column tables as buffers: they follow .to(device) and are graph inputs under compile.
+        self.register_buffer("col_task", layout.col_task_cpu().to(device), persistent=False)
+        col_weight = layout.col_weight_cpu()
+        self.register_buffer("col_weight", None if col_weight is None else col_weight.to(device), persistent=False)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -215,6 +219,7 @@ class MultiTaskHeads(nn.Module):
             out = multi_task_loss(
                 x, group.weight, group.bias, group_targets, layout, lam,
                 return_logits=return_logits, per_task_input_grads=per_task_input_grads, chunk_rows=self.chunk_rows,
+                _tables=(group.col_task, group.col_weight),
             )
             loss_vectors.append(out.losses)
             if return_logits:
