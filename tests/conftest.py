@@ -1,0 +1,60 @@
+"""Fixtures shared by the test suite; the helper functions live in tests/mtl_helpers.py (importable here and in a
+subprocess alike)."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+import mtlfast  # noqa: E402
+import mtlfast.functional  # noqa: E402
+
+
+def pytest_report_header(config):
+    from mtlfast import _extension
+
+    backend = "compiled extension (mtlfast._C)" if mtlfast.HAS_C else f"pure-PyTorch fallback ({_extension.FALLBACK_REASON})"
+    return [f"mtlfast backend: {backend}; torch {torch.__version__}; cuda available: {torch.cuda.is_available()}"]
+
+
+@pytest.fixture(autouse=True)
+def _seed_and_restore():
+    """Every test starts from the same global RNG state and cannot leak autocast / grad-mode changes."""
+    torch.manual_seed(0)
+    grad_enabled = torch.is_grad_enabled()
+    yield
+    torch.set_grad_enabled(grad_enabled)
+
+
+class OpSpy:
+    """Wraps ``torch.ops.mtlfast`` inside mtlfast.functional and records which fused op ran with which chunk."""
+
+    def __init__(self, real):
+        self._real = real
+        self.calls: list[tuple[str, tuple]] = []
+
+    def __getattr__(self, name):
+        op = getattr(self._real, name)
+
+        def call(*args, **kwargs):
+            self.calls.append((name, args))
+            return op(*args, **kwargs)
+
+        return call
+
+    @property
+    def names(self) -> list[str]:
+        return [name for name, _ in self.calls]
+
+
+@pytest.fixture
+def op_spy(monkeypatch) -> OpSpy:
+    spy = OpSpy(torch.ops.mtlfast)
+    monkeypatch.setattr(mtlfast.functional, "_ops", spy)
+    return spy
+

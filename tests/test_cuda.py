@@ -1,0 +1,221 @@
+"""The fused op on CUDA against the float64 CPU oracle. Skipped cleanly where no GPU is present.
+
+For fp32 / bf16 / fp16 the bar is plain PyTorch: the fused op's error (vs the float64 CPU reference on the same
+rounded inputs) must be at most twice the error of the reference loop itself evaluated in the same precision on
+the GPU, plus a small epsilon."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+import mtlfast as mf
+from mtl_helpers import (
+    assert_close,
+    assert_results_close,
+    fused_result,
+    make_case,
+    random_tasks,
+    reference_result,
+    relative_error,
+    requires_cuda,
+)
+
+pytestmark = [pytest.mark.cuda, requires_cuda]
+
+DEVICE = "cuda"
+LOW_PRECISION = [torch.float32, torch.bfloat16, torch.float16]
+EPSILON = {torch.float32: 1e-5, torch.bfloat16: 2e-3, torch.float16: 5e-4}
+
+
+def _all_kinds():
+    return [
+        mf.Classification("ce", num_classes=5, label_smoothing=0.1),
+        mf.Classification("ce_weighted", num_classes=7, class_weights=[1, 2, 3, 0.5, 1, 1, 2], ignore_index=-1),
+        mf.Binary("bin", pos_weight=2.0),
+        mf.MultiLabel("multi", num_labels=6, pos_weight=[0.5, 1, 2, 1, 1, 3]),
+        mf.Regression("mse", dim=3),
+        mf.Regression("l1", loss="l1"),
+        mf.Regression("huber", dim=2, loss="huber", delta=0.5),
+    ]
+
+
+@pytest.fixture(autouse=True)
+def _no_tf32():
+    """TF32 would make plain PyTorch's fp32 reference (and the bar it sets) an fp19 one."""
+    old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
+
+
+def test_backend_reporting():
+    expected = "cuda" if mf.HAS_CUDA_KERNELS else "fallback"
+    assert mf.backend_for(torch.device("cuda")) == expected
+    assert (mf.why_not_fast(torch.device("cuda")) is None) == (expected == "cuda")
+
+
+@pytest.mark.parametrize("chunk_rows", [None, 7])
+@pytest.mark.parametrize("via", ["functional", "heads"])
+@pytest.mark.parametrize("seed", range(4))
+def test_float64_on_cuda_matches_cpu_reference(seed, via, chunk_rows):
+    rng = random.Random(seed)
+    case = make_case(
+        seed, random_tasks(rng, count=5), batch_shape=rng.choice([(1,), (37,), (3, 5)]), features=rng.choice([1, 8])
+    )
+    actual = fused_result(case, via=via, device=DEVICE, chunk_rows=chunk_rows)
+    assert_results_close(actual, reference_result(case))
+
+
+@pytest.mark.parametrize("chunk_rows", [None, 64])
+@pytest.mark.parametrize("dtype", LOW_PRECISION, ids=str)
+def test_low_precision_error_at_most_twice_plain_pytorch(dtype, chunk_rows):
+    case = make_case(5, _all_kinds(), batch_shape=(16, 33), features=64)
+    case.h, case.weight, case.bias = (t.to(dtype).double() for t in (case.h, case.weight, case.bias))
+    exact = reference_result(case)  # float64, CPU
+    plain = reference_result(case, dtype=dtype, device=DEVICE)  # the per-task loop in `dtype` on the GPU
+    fused = fused_result(case, dtype=dtype, device=DEVICE, chunk_rows=chunk_rows)
+    pairs = {"losses": (fused.losses, plain.losses, exact.losses), "total": (fused.total, plain.total, exact.total)}
+    for name in ("h", "weight", "bias", "lam"):
+        pairs[f"grad {name}"] = (fused.grads[name], plain.grads[name], exact.grads[name])
+    for what, (ours, theirs, truth) in pairs.items():
+        assert torch.isfinite(ours).all(), what
+        ours_error, plain_error = relative_error(ours, truth), relative_error(theirs, truth)
+        assert ours_error <= 2 * plain_error + EPSILON[dtype], (
+            f"{what} ({dtype}): fused error {ours_error:.3g} vs plain PyTorch {plain_error:.3g}"
+        )
+
+
+@pytest.mark.parametrize("dtype", LOW_PRECISION, ids=str)
+def test_low_precision_output_dtypes(dtype):
+    case = make_case(6, _all_kinds(), batch_shape=(8,), features=16)
+    h = case.h.to(DEVICE, dtype).requires_grad_()
+    w = case.weight.to(DEVICE, dtype).requires_grad_()
+    b = case.bias.to(DEVICE, dtype).requires_grad_()
+    targets = {k: v.to(DEVICE) for k, v in case.targets.items()}
+    for chunk_rows in (None, 3):
+        out = mf.functional.multi_task_loss(h, w, b, targets, case.tasks, chunk_rows=chunk_rows)
+        assert out.losses.dtype == torch.float32 and out.losses.device.type == "cuda"
+        out.total.backward()
+        assert h.grad.dtype == w.grad.dtype == b.grad.dtype == dtype
+
+
+@pytest.mark.parametrize("chunk_rows", [None, 4])
+@pytest.mark.parametrize("via", ["functional", "heads"])
+def test_per_task_input_grads_on_cuda(via, chunk_rows):
+    case = make_case(7, _all_kinds(), batch_shape=(3, 5), features=6, absent=["l1"], empty=["multi"])
+    actual = fused_result(case, via=via, device=DEVICE, chunk_rows=chunk_rows, per_task_input_grads=True)
+    expected = reference_result(case, input_grads=True)
+    assert_close(actual.input_grads, expected.input_grads, what="per-task input grads")
+    assert_results_close(actual, expected)
+
+
+@pytest.mark.parametrize("chunk_rows", [None, 4])
+def test_zero_valid_and_absent_tasks_on_cuda(chunk_rows):
+    tasks = _all_kinds()
+    case = make_case(8, tasks, batch_shape=(9,), features=5, empty=["ce", "bin", "huber"], absent=["mse"])
+    actual = fused_result(case, device=DEVICE, chunk_rows=chunk_rows)
+    for name in ("ce", "bin", "huber", "mse"):
+        assert float(actual.losses[case.names.index(name)]) == 0.0, name
+    assert_results_close(actual, reference_result(case))
+
+
+@pytest.mark.parametrize("chunk_rows", [None, 4])
+def test_return_logits_on_cuda(chunk_rows):
+    case = make_case(9, _all_kinds(), batch_shape=(6,), features=5)
+
+    def objective(total, losses, logits):
+        return total + 0.2 * logits.square().sum()
+
+    actual = fused_result(case, device=DEVICE, chunk_rows=chunk_rows, return_logits=True, objective=objective)
+    assert_close(actual.logits, torch.nn.functional.linear(case.h, case.weight, case.bias), what="logits")
+    assert_results_close(actual, reference_result(case, objective))
+
+
+def test_big_head_auto_chunks_on_cuda(monkeypatch):
+    monkeypatch.setattr(mf.functional, "CHUNK_ELEMENTS", 4096)
+    tasks = [mf.Classification("vocab", num_classes=300, label_smoothing=0.1), mf.Binary("b")]
+    case = make_case(10, tasks, batch_shape=(64,), features=16)
+    assert_results_close(fused_result(case, device=DEVICE, chunk_rows="auto"), reference_result(case))
+
+
+@pytest.mark.parametrize("chunk_rows", [None, 4])
+def test_out_of_range_class_index_gives_nan_for_that_task(chunk_rows):
+    tasks = [mf.Classification("topic", num_classes=5), mf.Binary("spam"), mf.Regression("score")]
+    case = make_case(11, tasks, batch_shape=(12,), features=4)
+    bad = case.targets["topic"].clone()
+    bad[3] = 5  # == num_classes: out of range, not ignore_index
+    heads = mf.MultiTaskHeads(4, tasks, chunk_rows=chunk_rows, device=DEVICE, dtype=torch.float64)
+    h = case.h.to(DEVICE)
+    out = heads(h, {**{k: v.to(DEVICE) for k, v in case.targets.items()}, "topic": bad.to(DEVICE)})
+    losses = out.loss_vector.cpu()  # synchronises: a device-side assert would surface here
+    torch.cuda.synchronize()
+    assert torch.isnan(losses[0])
+    # The other tasks are unaffected.
+    clean = heads(h, {k: v.to(DEVICE) for k, v in case.targets.items() if k != "topic"}).loss_vector.cpu()
+    assert torch.isfinite(losses[1:]).all()
+    torch.testing.assert_close(losses[1:], clean[1:], rtol=1e-12, atol=1e-12)
+    # The device is still usable.
+    assert float(torch.ones(2, device=DEVICE).sum()) == 2.0
+
+
+def _graph_inputs():
+    tasks = [mf.Classification("topic", num_classes=5, label_smoothing=0.1), mf.Binary("spam"), mf.Regression("r", dim=2)]
+    case = make_case(12, tasks, batch_shape=(32,), features=16)
+    return case
+
+
+@pytest.mark.parametrize("chunk_rows", [None, 8])
+def test_cuda_graph_capture_and_replay(chunk_rows):
+    case = _graph_inputs()
+    heads = mf.MultiTaskHeads(16, case.tasks, chunk_rows=chunk_rows, device=DEVICE)
+    h = case.h.float().to(DEVICE)
+    targets = {k: (v.float() if v.is_floating_point() else v).to(DEVICE) for k, v in case.targets.items()}
+    params = list(heads.parameters())
+
+    def step():
+        out = heads(h, targets)
+        grads = torch.autograd.grad(out.loss, params)
+        return out.loss_vector, grads
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):  # warm-up (caches, workspaces) outside the capture
+            step()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_losses, static_grads = step()
+    for seed in range(2):  # new data in the static tensors, replay, compare with eager
+        gen = torch.Generator().manual_seed(100 + seed)
+        h.copy_(torch.randn(h.shape, generator=gen).to(DEVICE))
+        graph.replay()
+        torch.cuda.synchronize()
+        eager_losses, eager_grads = step()
+        torch.testing.assert_close(static_losses, eager_losses, rtol=1e-5, atol=1e-6)
+        for a, e in zip(static_grads, eager_grads):
+            torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-6)
+
+
+def test_compile_reduce_overhead_smoke():
+    torch._dynamo.reset()
+    case = _graph_inputs()
+    torch.manual_seed(0)
+    encoder = torch.nn.Linear(16, 16, device=DEVICE)
+    heads = mf.MultiTaskHeads(16, case.tasks, device=DEVICE)
+    targets = {k: (v.float() if v.is_floating_point() else v).to(DEVICE) for k, v in case.targets.items()}
+
+    def loss_fn(x, y):
+        return heads(torch.relu(encoder(x)), y).loss
+
+    compiled = torch.compile(loss_fn, mode="reduce-overhead", fullgraph=True)
+    for seed in range(3):
+        gen = torch.Generator().manual_seed(seed)
+        x = torch.randn(32, 16, generator=gen).to(DEVICE)
+        expected = loss_fn(x, targets)
+        actual = compiled(x, targets)
+        torch.testing.assert_close(actual.clone(), expected, rtol=1e-5, atol=1e-6)
+    torch._dynamo.reset()
