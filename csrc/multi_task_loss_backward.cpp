@@ -67,6 +67,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> multi_task_loss_chunked_backward(
 
 at::Tensor per_task_input_grads(const at::Tensor& grad_logits, const at::Tensor& weight,
                                 c10::IntArrayRef col_offsets) {
+  // A diagnostic output, never differentiated: mm_out refuses inputs that require grad.
+  at::NoGradGuard no_grad;
   const int64_t T = static_cast<int64_t>(col_offsets.size()) - 1;
   at::Tensor out = at::empty({T, grad_logits.size(0), weight.size(1)}, grad_logits.options());
   for (int64_t t = 0; t < T; ++t) {

@@ -59,6 +59,21 @@ def _plan(kinds: tuple[int, ...], col_offsets: tuple[int, ...]):
     return dense, sorted(by_classes.items())
 
 
+@lru_cache(maxsize=1024)
+def _const_cached(values: tuple, dtype: torch.dtype | None, device: torch.device) -> torch.Tensor:
+    return torch.tensor(values, dtype=dtype, device=device)
+
+
+def _const(values, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A small constant index/parameter tensor, made once per device: a per-call host-to-device copy would cost a
+    copy each step and break CUDA-graph capture."""
+    return _const_cached(tuple(values), dtype, device)
+
+
+def _per_column(values_per_task, tasks, col_offsets):
+    return [values_per_task[t] for t in tasks for _ in range(col_offsets[t + 1] - col_offsets[t])]
+
+
 def _cols(tasks: Sequence[int], col_offsets: Sequence[int]) -> list[int]:
     return [c for t in tasks for c in range(col_offsets[t], col_offsets[t + 1])]
 
@@ -103,11 +118,11 @@ def _loss_sums_and_grads(z, targets, row_slice, col_weight, kinds, col_offsets, 
     grad = torch.zeros_like(z)
     dense, ce_groups = _plan(tuple(kinds), tuple(col_offsets))
     if dense:
-        cols = torch.tensor(_cols(dense, col_offsets), device=z.device)
+        cols = _const(_cols(dense, col_offsets), z.device)
         zd = z.index_select(1, cols)
         yd = torch.cat([targets[t][row_slice] for t in dense], dim=1)
-        col_kind = torch.tensor([kinds[t] for t in dense for _ in range(col_offsets[t + 1] - col_offsets[t])], device=z.device)
-        delta = torch.tensor([params[t] for t in dense for _ in range(col_offsets[t + 1] - col_offsets[t])], dtype=acc, device=z.device)
+        col_kind = _const(_per_column(kinds, dense, col_offsets), z.device)
+        delta = _const(_per_column(params, dense, col_offsets), z.device, acc)
         pos_weight = col_weight.index_select(0, cols) if col_weight is not None else torch.ones_like(delta)
         valid = ~torch.isnan(yd)
         y = torch.where(valid, yd, torch.zeros_like(yd))
@@ -126,19 +141,19 @@ def _loss_sums_and_grads(z, targets, row_slice, col_weight, kinds, col_offsets, 
             torch.where(col_kind == LossKind.L1, torch.sign(d), huber_grad)))
         loss = torch.where(valid, loss, torch.zeros_like(loss))
         grad.index_copy_(1, cols, torch.where(valid, g, torch.zeros_like(g)))
-        col_owner = torch.tensor([t for t in dense for _ in range(col_offsets[t + 1] - col_offsets[t])], device=z.device)
+        col_owner = _const(_per_column(range(T), dense, col_offsets), z.device)
         sums.index_add_(0, col_owner, loss.sum(0))
     for classes, group in ce_groups:
-        cols = torch.tensor(_cols(group, col_offsets), device=z.device)
+        cols = _const(_cols(group, col_offsets), z.device)
         G = len(group)
         zc = z.index_select(1, cols).view(-1, G, classes)
         y = torch.stack([targets[t][row_slice] for t in group], dim=1)  # (rows, G)
-        ignore = torch.tensor([ignore_index[t] for t in group], device=z.device)
+        ignore = _const([ignore_index[t] for t in group], z.device)
         in_range = (y >= 0) & (y < classes)
         kept = (y != ignore) & in_range
         y_safe = torch.where(kept, y, torch.zeros_like(y))
         w = col_weight.index_select(0, cols).view(G, classes) if col_weight is not None else torch.ones(G, classes, dtype=acc, device=z.device)
-        eps = torch.tensor([params[t] for t in group], dtype=acc, device=z.device)
+        eps = _const([params[t] for t in group], z.device, acc)
         log_p = torch.log_softmax(zc, dim=-1)
         p = log_p.exp()
         w_y = torch.gather(w.expand(y.shape[0], G, classes), 2, y_safe.unsqueeze(-1)).squeeze(-1) * kept
@@ -151,7 +166,7 @@ def _loss_sums_and_grads(z, targets, row_slice, col_weight, kinds, col_offsets, 
         bad = (~in_range) & (y != ignore)
         row_loss = torch.where(bad, torch.full_like(row_loss, float("nan")), row_loss)
         grad.index_copy_(1, cols, g.reshape(-1, G * classes))
-        sums.index_add_(0, torch.tensor(group, device=z.device), row_loss.sum(0))
+        sums.index_add_(0, _const(group, z.device), row_loss.sum(0))
     return sums, grad
 
 
@@ -160,9 +175,85 @@ def _scale_by_task(grad, denominators, col_task):
     return grad * inverse.index_select(0, col_task), inverse
 
 
-def _prepare(h, col_weight, targets, kinds, col_offsets, ignore_index, task_names):
+_KIND_NAMES = {
+    LossKind.NONE: "absent", LossKind.CROSS_ENTROPY: "cross-entropy", LossKind.BCE: "BCE", LossKind.MSE: "MSE",
+    LossKind.L1: "L1", LossKind.HUBER: "Huber", LossKind.DISTILL: "distillation",
+}
+
+
+def _check_inputs(h, weight, bias, targets, col_weight, col_task, kinds, col_offsets, ignore_index, params, names):
+    """The checks of csrc/task_table.cpp, with the same messages, for the pure-PyTorch ops."""
+    T = len(kinds)
+    if T == 0:
+        raise ValueError("mtlfast: at least one task is required")
+    if not (len(col_offsets) == T + 1 and len(ignore_index) == T and len(params) == T and len(names) == T
+            and len(targets) == T):
+        raise ValueError(
+            f"mtlfast: per-task lists disagree on the number of tasks (kinds {T}, col_offsets {len(col_offsets)} "
+            f"(expects T+1), ignore_index {len(ignore_index)}, params {len(params)}, task_names {len(names)}, "
+            f"targets {len(targets)})"
+        )
+    if h.dim() != 2:
+        raise ValueError(f"mtlfast: the shared input h must be 2-D (N, D), got shape {tuple(h.shape)}")
+    if not h.is_floating_point():
+        raise TypeError(f"mtlfast: h must be floating point, got {h.dtype}")
     if h.shape[0] == 0:
         raise ValueError("mtlfast: empty batch (h has 0 rows)")
+    if weight.dim() != 2 or weight.shape[1] != h.shape[1]:
+        raise ValueError(f"mtlfast: packed head weight must be (S, D) with D = {h.shape[1]}, got {tuple(weight.shape)}")
+    for what, tensor in (("head weight", weight), ("bias", bias)):
+        if tensor is None:
+            continue
+        if tensor.dtype != h.dtype:
+            raise TypeError(f"mtlfast: {what} dtype {tensor.dtype} differs from h dtype {h.dtype}")
+        if tensor.device != h.device:
+            raise ValueError(f"mtlfast: {what} is on {tensor.device} but h is on {h.device}")
+    S = weight.shape[0]
+    if bias is not None and tuple(bias.shape) != (S,):
+        raise ValueError(f"mtlfast: bias must be (S,) = ({S},), got {tuple(bias.shape)}")
+    if col_offsets[0] != 0 or col_offsets[-1] != S:
+        raise ValueError(f"mtlfast: col_offsets must start at 0 and end at S = {S}")
+    acc = _acc(h.dtype)
+    N = h.shape[0]
+    for t, kind in enumerate(kinds):
+        if kind not in _KIND_NAMES.keys():
+            raise ValueError(f"mtlfast: task '{names[t]}': unknown loss kind {kind}")
+        where = f"mtlfast: task '{names[t]}' ({_KIND_NAMES[LossKind(kind)]})"
+        width = col_offsets[t + 1] - col_offsets[t]
+        if width <= 0:
+            raise ValueError(f"{where}: owns no head column")
+        if kind == LossKind.NONE:
+            continue
+        y = targets[t]
+        if y.device != h.device:
+            raise ValueError(f"{where}: target is on {y.device} but h is on {h.device}")
+        if kind == LossKind.CROSS_ENTROPY:
+            if y.dtype != torch.int64:
+                raise TypeError(f"{where}: target must hold int64 class indices, got {y.dtype}")
+            if tuple(y.shape) != (N,):
+                raise ValueError(f"{where}: target must have shape (N,) = ({N},), got {tuple(y.shape)}")
+            if not 0.0 <= params[t] <= 1.0:
+                raise ValueError(f"{where}: label_smoothing must be in [0, 1], got {params[t]}")
+        else:
+            if y.dtype != acc:
+                raise TypeError(f"{where}: target must be {acc} for {h.dtype} inputs, got {y.dtype}")
+            if tuple(y.shape) != (N, width):
+                raise ValueError(f"{where}: target must have shape (N, C) = ({N}, {width}), got {tuple(y.shape)}")
+            if kind == LossKind.HUBER and not params[t] > 0:
+                raise ValueError(f"{where}: delta must be positive, got {params[t]}")
+    if col_weight is not None:
+        if tuple(col_weight.shape) != (S,):
+            raise ValueError(f"mtlfast: col_weight must be (S,) = ({S},), got {tuple(col_weight.shape)}")
+        if col_weight.dtype != acc:
+            raise TypeError(f"mtlfast: col_weight must be {acc}, got {col_weight.dtype}")
+        if col_weight.device != h.device:
+            raise ValueError(f"mtlfast: col_weight is on {col_weight.device} but h is on {h.device}")
+    if col_task.shape != (S,) or col_task.dtype != torch.int64 or col_task.device != h.device:
+        raise ValueError(f"mtlfast: col_task must be an int64 (S,) tensor on {h.device}")
+
+
+def _prepare(h, weight, bias, col_weight, col_task, targets, kinds, col_offsets, ignore_index, params, task_names):
+    _check_inputs(h, weight, bias, targets, col_weight, col_task, kinds, col_offsets, ignore_index, params, task_names)
     _check_class_targets(task_names, kinds, col_offsets, ignore_index, targets)
     acc = _acc(h.dtype)
     return acc, _denominators(targets, col_weight, kinds, col_offsets, ignore_index, acc, h.device)
@@ -170,7 +261,8 @@ def _prepare(h, col_weight, targets, kinds, col_offsets, ignore_index, task_name
 
 def multi_task_loss(h, weight, bias, targets, col_weight, col_task, kinds, col_offsets, ignore_index, params,
                     task_names, return_logits):
-    acc, denominators = _prepare(h, col_weight, targets, kinds, col_offsets, ignore_index, task_names)
+    acc, denominators = _prepare(h, weight, bias, col_weight, col_task, targets, kinds, col_offsets, ignore_index,
+                                 params, task_names)
     logits = torch.nn.functional.linear(h, weight, bias)
     sums, grad = _loss_sums_and_grads(logits.to(acc), targets, slice(None), col_weight, kinds, col_offsets, ignore_index, params)
     grad, inverse = _scale_by_task(grad, denominators, col_task)
@@ -180,14 +272,17 @@ def multi_task_loss(h, weight, bias, targets, col_weight, col_task, kinds, col_o
 
 def multi_task_loss_chunked(h, weight, bias, targets, col_weight, col_task, kinds, col_offsets, ignore_index,
                             params, task_names, chunk_rows):
-    acc, denominators = _prepare(h, col_weight, targets, kinds, col_offsets, ignore_index, task_names)
+    if chunk_rows <= 0:
+        raise ValueError(f"mtlfast: chunk_rows must be positive, got {chunk_rows}")
+    acc, denominators = _prepare(h, weight, bias, col_weight, col_task, targets, kinds, col_offsets, ignore_index,
+                                 params, task_names)
     T, (N, D), S = len(kinds), h.shape, weight.shape[0]
     sums = torch.zeros(T, dtype=acc, device=h.device)
     grad_h_per_task = torch.empty(T, N, D, dtype=acc, device=h.device)
     grad_weight = torch.zeros(S, D, dtype=acc, device=h.device)
     grad_bias = torch.zeros(S, dtype=acc, device=h.device) if bias is not None else h.new_empty(0, dtype=acc)
     inverse = None
-    for start in range(0, N, max(1, chunk_rows)):
+    for start in range(0, N, chunk_rows):
         rows = slice(start, min(N, start + chunk_rows))
         logits = torch.nn.functional.linear(h[rows], weight, bias).to(acc)
         chunk_sums, grad = _loss_sums_and_grads(logits, targets, rows, col_weight, kinds, col_offsets, ignore_index, params)

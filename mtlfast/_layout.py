@@ -7,7 +7,6 @@ under torch.compile) plus two small per-device tensors cached so a training step
 from __future__ import annotations
 
 from collections.abc import Sequence
-from functools import cached_property
 
 import torch
 
@@ -35,6 +34,8 @@ class TaskLayout:
         self.params: tuple[float, ...] = tuple(task.param for task in tasks)
         self.index: dict[str, int] = {name: i for i, name in enumerate(names)}
         self._device_cache: dict[tuple, torch.Tensor] = {}
+        # Computed eagerly: a cached_property takes a lock that torch.compile cannot trace.
+        self._column_weights_cpu = self._pack_column_weights()
 
     @property
     def num_tasks(self) -> int:
@@ -51,8 +52,7 @@ class TaskLayout:
         """The kinds list for a batch where only some tasks have targets (absent ones become NONE)."""
         return tuple(kind if here else int(LossKind.NONE) for kind, here in zip(self.kinds, present))
 
-    @cached_property
-    def _column_weights_cpu(self) -> torch.Tensor | None:
+    def _pack_column_weights(self) -> torch.Tensor | None:
         per_task = [task.column_weights() for task in self.tasks]
         if all(w is None for w in per_task):
             return None

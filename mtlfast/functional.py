@@ -173,7 +173,7 @@ def multi_task_loss(
         if return_logits:
             logits = packed_logits.view(*batch_shape, layout.num_columns)
         if per_task_input_grads:
-            grads = _ops.per_task_input_grads(grad_logits, weight, list(layout.col_offsets))
+            grads = _ops.per_task_input_grads(grad_logits, weight.detach(), list(layout.col_offsets))
             input_grads = grads.view(layout.num_tasks, *batch_shape, h.shape[-1])
 
     if task_weights is None:

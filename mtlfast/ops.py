@@ -76,9 +76,11 @@ def _setup_multi_task_loss(ctx, inputs, output):
     ctx.save_for_backward(h, weight, grad_logits, col_task)
     ctx.has_bias = bias is not None
     ctx.num_tasks = len(inputs[6])
-    ctx.mark_non_differentiable(grad_logits)
+    # One call: each call replaces the previous set of non-differentiable outputs.
     if logits.numel() == 0:
-        ctx.mark_non_differentiable(logits)
+        ctx.mark_non_differentiable(grad_logits, logits)
+    else:
+        ctx.mark_non_differentiable(grad_logits)
     ctx.set_materialize_grads(False)  # an unused logits output must not cost an N×S tensor of zeros
 
 

@@ -52,9 +52,12 @@ class MultiTaskOutput:
     def __init__(self, loss, loss_vector, present, logits=None, input_grads=None):
         self.loss = loss
         self.loss_vector = loss_vector
-        self.losses: Mapping[str, torch.Tensor] = _LazySplit(
-            loss_vector, [n for n, here in present], lambda v: [v[i] for i, (_, here) in enumerate(present) if here]
-        ) if not all(here for _, here in present) else _LazySplit(loss_vector, [n for n, _ in present], torch.unbind)
+        names = [name for name, here in present if here]
+        if len(names) == len(present):
+            self.losses: Mapping[str, torch.Tensor] = _LazySplit(loss_vector, names, torch.unbind)
+        else:
+            rows = [i for i, (_, here) in enumerate(present) if here]
+            self.losses = _LazySplit(loss_vector, names, lambda v: [v[i] for i in rows])
         self.logits = logits
         self.input_grads = input_grads
 
@@ -75,18 +78,15 @@ class _PackedHeads(nn.Module):
         self.register_buffer("col_task", layout.col_task_cpu().to(device), persistent=False)
         col_weight = layout.col_weight_cpu()
         self.register_buffer("col_weight", None if col_weight is None else col_weight.to(device), persistent=False)
-        self.reset_parameters()
 
-    def reset_parameters(self) -> None:
-        # Task by task, in the order and with the bounds of nn.Linear(D, C_t) (kaiming_uniform(a=√5) = U(±1/√D)),
-        # so a seeded model starts from the same values as the equivalent nn.ModuleDict of Linear layers.
-        bound = 1.0 / math.sqrt(self.in_features) if self.in_features > 0 else 0.0
-        with torch.no_grad():
-            for t in range(self.layout.num_tasks):
-                rows = self.layout.columns(t)
-                nn.init.kaiming_uniform_(self.weight[rows], a=math.sqrt(5))
-                if self.bias is not None:
-                    self.bias[rows].uniform_(-bound, bound)
+    @torch.no_grad()
+    def reset_task(self, task: int) -> None:
+        # The bounds of nn.Linear(D, C_t): kaiming_uniform(a=√5) = U(±1/√D) for the weight, U(±1/√D) for the bias.
+        rows = self.layout.columns(task)
+        nn.init.kaiming_uniform_(self.weight[rows], a=math.sqrt(5))
+        if self.bias is not None:
+            bound = 1.0 / math.sqrt(self.in_features) if self.in_features > 0 else 0.0
+            self.bias[rows].uniform_(-bound, bound)
 
 
 class MultiTaskHeads(nn.Module):
@@ -126,18 +126,40 @@ class MultiTaskHeads(nn.Module):
         else:
             sizes = {name: int(in_features) for name in inputs}
         self.inputs: tuple[str, ...] = tuple(inputs)
+        self.tasks: tuple[Task, ...] = tuple(tasks)
+        self.task_names: tuple[str, ...] = tuple(task.name for task in tasks)
         self.packed = nn.ModuleDict()
+        # Each input's tasks keep their relative order; _group_tasks[input] are their indices in self.tasks.
+        self._group_tasks: dict[str, list[int]] = {}
         for name in inputs:
-            layout = TaskLayout([task for task in tasks if task.input == name])
+            members = [i for i, task in enumerate(tasks) if task.input == name]
+            self._group_tasks[name] = members
+            layout = TaskLayout([tasks[i] for i in members])
             self.packed[name] = _PackedHeads(layout, sizes[name], bias, device=device, dtype=dtype)
-        self.tasks: tuple[Task, ...] = tuple(t for name in inputs for t in self.packed[name].layout.tasks)
-        self.task_names: tuple[str, ...] = tuple(task.name for task in self.tasks)
-        self.chunk_rows = chunk_rows
+            self.packed[name].register_buffer("task_index", torch.tensor(members, device=device), persistent=False)
+        grouped_order = [i for name in inputs for i in self._group_tasks[name]]
+        # Losses come out group by group; this index puts them back in the order the tasks were given.
+        restore = [grouped_order.index(i) for i in range(len(tasks))]
         self.register_buffer(
-            "task_weights", torch.tensor([task.weight for task in self.tasks], device=device), persistent=False
+            "_restore_order", None if restore == list(range(len(tasks))) else torch.tensor(restore, device=device),
+            persistent=False,
         )
+        self.chunk_rows = chunk_rows
+        lam_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+        self.register_buffer(
+            "task_weights", torch.tensor([task.weight for task in tasks], dtype=lam_dtype, device=device),
+            persistent=False,
+        )
+        self.reset_parameters()
         self.register_state_dict_post_hook(_per_task_state_dict)
         self.register_load_state_dict_pre_hook(_packed_state_dict)
+
+    def reset_parameters(self) -> None:
+        """Initialise every head as nn.Linear does, task by task in the given order, so a seeded model starts from
+        the same values as the equivalent ``nn.ModuleDict`` of ``nn.Linear`` layers."""
+        for task in self.tasks:
+            group, t = self._locate(task.name)
+            group.reset_task(t)
 
     # -- construction from existing heads ------------------------------------------------------------------------
     @classmethod
@@ -202,14 +224,15 @@ class MultiTaskHeads(nn.Module):
         unknown = sorted(set(targets) - set(self.task_names))
         if unknown:
             raise KeyError(f"mtlfast: targets given for unknown tasks {unknown}; tasks are {list(self.task_names)}")
+        present = [(name, targets.get(name) is not None) for name in self.task_names]
+        if not any(here for _, here in present):
+            raise ValueError(f"mtlfast: no targets given for any task of {list(self.task_names)}")
         representations = self._inputs_of(h)
         loss_vectors, logits, input_grads = [], {}, {}
-        present = [(name, targets.get(name) is not None) for name in self.task_names]
-        offset = 0
+        single_group = len(self.packed) == 1
         for input_name, group in self.packed.items():
             layout = group.layout
-            lam = self.task_weights[offset : offset + layout.num_tasks]
-            offset += layout.num_tasks
+            lam = self.task_weights if single_group else self.task_weights.index_select(0, group.task_index)
             x = representations[input_name]
             group_targets = [targets.get(name) for name in layout.names]
             if all(t is None for t in group_targets):
@@ -226,7 +249,9 @@ class MultiTaskHeads(nn.Module):
                 logits.update(_split_columns(out.logits, layout))
             if per_task_input_grads:
                 input_grads.update(zip(layout.names, out.input_grads.unbind(0)))
-        loss_vector = loss_vectors[0] if len(loss_vectors) == 1 else torch.cat(loss_vectors)
+        loss_vector = loss_vectors[0] if single_group else torch.cat(loss_vectors)
+        if self._restore_order is not None:
+            loss_vector = loss_vector.index_select(0, self._restore_order)
         total = (self.task_weights.to(loss_vector.dtype) * loss_vector).sum()
         return MultiTaskOutput(
             total, loss_vector, present,
@@ -246,7 +271,7 @@ class MultiTaskHeads(nn.Module):
         for input_name, group in self.packed.items():
             packed = nn.functional.linear(representations[input_name], group.weight, group.bias)
             result.update(_split_columns(packed, group.layout))
-        return result
+        return {name: result[name] for name in self.task_names}
 
     def extra_repr(self) -> str:
         groups = ", ".join(f"{name}: D={g.in_features} {g.layout!r}" for name, g in self.packed.items())
@@ -268,22 +293,42 @@ def _linear_items(name: str, layer: nn.Linear, with_bias: bool):
 
 
 def _per_task_state_dict(module: MultiTaskHeads, state_dict: dict, prefix: str, local_metadata: dict) -> None:
-    for input_name, group in module.packed.items():
+    packed = {}
+    for input_name in module.packed:
         key = f"{prefix}packed.{input_name}."
-        weight = state_dict.pop(key + "weight")
-        bias = state_dict.pop(key + "bias", None)
-        for t, name in enumerate(group.layout.names):
-            rows = group.layout.columns(t)
-            state_dict[f"{prefix}{name}.weight"] = weight[rows]
-            if bias is not None:
-                state_dict[f"{prefix}{name}.bias"] = bias[rows]
+        packed[input_name] = (state_dict.pop(key + "weight"), state_dict.pop(key + "bias", None))
+    for task in module.tasks:  # the given task order, as a ModuleDict of Linear layers would list them
+        group = module.packed[task.input]
+        weight, bias = packed[task.input]
+        rows = group.layout.columns(group.layout.index[task.name])
+        state_dict[f"{prefix}{task.name}.weight"] = weight[rows]
+        if bias is not None:
+            state_dict[f"{prefix}{task.name}.bias"] = bias[rows]
 
 
 def _packed_state_dict(module: MultiTaskHeads, state_dict: dict, prefix: str, local_metadata, strict, missing_keys,
                        unexpected_keys, error_msgs) -> None:
+    # Heads absent from the checkpoint keep their current values and are reported under their public names
+    # ("spam.weight"), so strict loading names them and non-strict (partial, e.g. transfer) loading still works.
     for input_name, group in module.packed.items():
         for part in ("weight", "bias"):
-            keys = [f"{prefix}{name}.{part}" for name in group.layout.names]
-            if getattr(group, part) is None or not all(k in state_dict for k in keys):
-                continue  # leave them: the strict check then names what is missing or unexpected
-            state_dict[f"{prefix}packed.{input_name}.{part}"] = torch.cat([state_dict.pop(k) for k in keys])
+            current = getattr(group, part)
+            if current is None:
+                continue
+            pieces = []
+            for t, name in enumerate(group.layout.names):
+                key = f"{prefix}{name}.{part}"
+                expected = current[group.layout.columns(t)].shape
+                if key in state_dict and state_dict[key].shape != expected:
+                    error_msgs.append(
+                        f"size mismatch for {key}: copying a param with shape {tuple(state_dict[key].shape)} from "
+                        f"checkpoint, the shape in current model is {tuple(expected)}."
+                    )
+                    state_dict.pop(key)
+                    pieces.append(current.detach()[group.layout.columns(t)])
+                elif key in state_dict:
+                    pieces.append(state_dict.pop(key))
+                else:
+                    missing_keys.append(key)
+                    pieces.append(current.detach()[group.layout.columns(t)])
+            state_dict[f"{prefix}packed.{input_name}.{part}"] = torch.cat(pieces)

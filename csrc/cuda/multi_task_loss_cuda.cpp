@@ -1,0 +1,254 @@
+// CUDA implementations of multi_task_loss and multi_task_loss_chunked (semantics: csrc/registration.cpp and
+// DESIGN.md §2). Tensor checks, allocation and the GEMMs (cuBLAS through ATen) live here; the loss kernels live in
+// multi_task_loss_kernels.cu, which is kept free of torch headers (they would multiply its compile time).
+//
+// Everything runs on the current stream without a host sync: losses stay on the device, and a class index out of
+// range (which the CPU backend reports as an IndexError) turns the task's loss into NaN instead.
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+#include <torch/version.h>
+
+#include <algorithm>
+#include <limits>
+#include <tuple>
+#include <vector>
+
+#include "multi_task_loss_kernels.h"
+#include "mtlfast/loss_math.h"
+#include "mtlfast/task_table.h"
+
+namespace mtlfast {
+namespace {
+
+cuda::InputDType kernel_dtype(at::ScalarType type) {
+  if (type == at::kFloat) {
+    return cuda::InputDType::kFloat;
+  }
+  if (type == at::kDouble) {
+    return cuda::InputDType::kDouble;
+  }
+  if (type == at::kHalf) {
+    return cuda::InputDType::kHalf;
+  }
+  TORCH_CHECK_TYPE(type == at::kBFloat16,
+                   "mtlfast: CUDA kernels support float32, float64, float16 and bfloat16 inputs, got ", type);
+  return cuda::InputDType::kBFloat16;
+}
+
+// The validated inputs of one op call, in the layout the kernels read, plus the device buffers the loss pipeline
+// (denominators -> segment losses, per row chunk -> finalize) shares.
+struct LossPipeline {
+  cuda::InputDType dtype;
+  int64_t rows;
+  std::vector<at::Tensor> targets;  // contiguous; kept alive until the kernels are enqueued
+  c10::optional<at::Tensor> col_weight;
+  std::vector<cuda::TaskBatch> batches;
+  at::Tensor denominator_parts;  // (T, kMaxDenominatorSlots)
+  int32_t denominator_slots;
+  at::Tensor loss_parts;  // (T, N)
+  at::Tensor losses;      // (T,)
+  cudaStream_t stream;
+
+  LossPipeline(const TaskTable& table, const at::Tensor& h, at::TensorList targets_in,
+               const c10::optional<at::Tensor>& col_weight_in)
+      : dtype(kernel_dtype(h.scalar_type())),
+        rows(table.rows),
+        denominator_slots(cuda::denominator_slots(table.rows)),
+        stream(c10::cuda::getCurrentCUDAStream(h.device().index()).stream()) {
+    const int64_t T = table.num_tasks();
+    TORCH_CHECK_VALUE(table.rows <= std::numeric_limits<int32_t>::max(),
+                      "mtlfast: the CUDA kernels support at most 2^31-1 rows, got ", table.rows);
+    if (col_weight_in.has_value()) {
+      col_weight = col_weight_in->contiguous();
+    }
+    targets.reserve(T);
+    for (int64_t t = 0; t < T; ++t) {
+      const int64_t kind = table.kinds[t];
+      TORCH_CHECK_NOT_IMPLEMENTED(kind != kDistill, table.describe(t),
+                                  ": distillation losses are not implemented yet in the CUDA kernels");
+      TORCH_CHECK_VALUE(table.width(t) <= std::numeric_limits<int32_t>::max(), table.describe(t),
+                        ": at most 2^31-1 head columns per task on CUDA, got ", table.width(t));
+      targets.push_back(kind == kNone ? at::Tensor() : targets_in[t].contiguous());
+    }
+    for (int64_t begin = 0; begin < T; begin += cuda::kMaxTasksPerLaunch) {
+      cuda::TaskBatch batch{};
+      const int64_t end = std::min<int64_t>(T, begin + cuda::kMaxTasksPerLaunch);
+      for (int64_t t = begin; t < end; ++t) {
+        cuda::TaskMeta& meta = batch.task[batch.count++];
+        meta.target = targets[t].defined() ? targets[t].const_data_ptr() : nullptr;
+        meta.col_offset = table.col_offsets[t];
+        meta.ignore_index = table.ignore_index[t];
+        meta.param = table.params[t];
+        meta.kind = static_cast<int32_t>(table.kinds[t]);
+        meta.width = static_cast<int32_t>(table.width(t));
+        meta.index = static_cast<int32_t>(t);
+      }
+      batches.push_back(batch);
+    }
+    const auto acc_options = h.options().dtype(accumulation_dtype(h.scalar_type()));
+    denominator_parts = at::empty({T, cuda::kMaxDenominatorSlots}, acc_options);
+    loss_parts = at::empty({T, table.rows}, acc_options);
+    losses = at::empty({T}, acc_options);
+  }
+
+  const void* col_weight_ptr() const { return col_weight.has_value() ? col_weight->const_data_ptr() : nullptr; }
+
+  // Over the whole batch, before any chunk: each chunk's gradients are scaled by the batch-wide denominators.
+  void compute_denominators() {
+    for (const cuda::TaskBatch& batch : batches) {
+      C10_CUDA_CHECK(cuda::launch_denominators(dtype, batch, rows, col_weight_ptr(),
+                                               denominator_parts.mutable_data_ptr(), denominator_slots, stream));
+    }
+  }
+
+  // Loss and logit gradient of rows [row_begin, row_begin + logits.size(0)); the gradient goes to grad, which may
+  // be logits itself.
+  void segment_losses(const at::Tensor& logits, const at::Tensor& grad, int64_t row_begin) {
+    cuda::SegmentArgs args;
+    args.logits = logits.const_data_ptr();
+    args.grad = grad.mutable_data_ptr();
+    args.rows = logits.size(0);
+    args.row_begin = row_begin;
+    args.ld = logits.stride(0);
+    args.col_weight = col_weight_ptr();
+    args.denominator_parts = denominator_parts.const_data_ptr();
+    args.denominator_slots = denominator_slots;
+    args.loss_parts = loss_parts.mutable_data_ptr();
+    args.loss_parts_stride = loss_parts.stride(0);
+    for (const cuda::TaskBatch& batch : batches) {
+      C10_CUDA_CHECK(cuda::launch_segment_losses(dtype, batch, args, stream));
+    }
+  }
+
+  at::Tensor finalize() {
+    for (const cuda::TaskBatch& batch : batches) {
+      C10_CUDA_CHECK(cuda::launch_finalize_losses(dtype, batch, rows, denominator_parts.const_data_ptr(),
+                                                  denominator_slots, loss_parts.const_data_ptr(),
+                                                  loss_parts.stride(0), losses.mutable_data_ptr(), stream));
+    }
+    return losses;
+  }
+};
+
+at::Tensor head_logits(const at::Tensor& h, const at::Tensor& weight, const c10::optional<at::Tensor>& bias) {
+  return bias.has_value() ? at::addmm(*bias, h, weight.t()) : at::mm(h, weight.t());
+}
+
+// out (accumulation dtype) = a @ b, or out += a @ b when accumulate, for a and b in the input dtype. Half inputs
+// accumulate in fp32 inside cuBLAS where torch's out_dtype GEMMs accept an fp32 `self` (torch ≥ 2.10).
+void gemm_to_accumulator(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, bool accumulate) {
+  if (a.scalar_type() == out.scalar_type()) {
+    if (accumulate) {
+      at::addmm_out(out, out, a, b);
+    } else {
+      at::mm_out(out, a, b);
+    }
+    return;
+  }
+#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 10)
+  if (accumulate) {
+    at::addmm_out(out, out, a, b, out.scalar_type());
+  } else {
+    at::mm_out(out, a, b, out.scalar_type());
+  }
+#else
+  if (accumulate) {
+    out.add_(at::mm(a, b));
+  } else {
+    out.copy_(at::mm(a, b));
+  }
+#endif
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> multi_task_loss_cuda(
+    const at::Tensor& h, const at::Tensor& weight, const c10::optional<at::Tensor>& bias, at::TensorList targets,
+    const c10::optional<at::Tensor>& col_weight, const at::Tensor& col_task, c10::IntArrayRef kinds,
+    c10::IntArrayRef col_offsets, c10::IntArrayRef ignore_index, c10::ArrayRef<double> params,
+    const std::vector<std::string>& task_names, bool return_logits) {
+  const TaskTable table = check_multi_task_inputs(h, weight, bias, targets, col_weight, col_task, kinds, col_offsets,
+                                                  ignore_index, params, task_names);
+  const c10::cuda::CUDAGuard guard(h.device());
+  LossPipeline pipeline(table, h, targets, col_weight);
+
+  const at::Tensor logits = head_logits(h, weight, bias).contiguous();
+  // Without return_logits the gradient overwrites the logits (one buffer, one pass).
+  const at::Tensor grad_logits = return_logits ? at::empty_like(logits) : logits;
+  pipeline.compute_denominators();
+  pipeline.segment_losses(logits, grad_logits, 0);
+  const at::Tensor losses = pipeline.finalize();
+  return {losses, grad_logits, return_logits ? logits : at::empty({0}, h.options())};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> multi_task_loss_chunked_cuda(
+    const at::Tensor& h, const at::Tensor& weight, const c10::optional<at::Tensor>& bias, at::TensorList targets,
+    const c10::optional<at::Tensor>& col_weight, const at::Tensor& col_task, c10::IntArrayRef kinds,
+    c10::IntArrayRef col_offsets, c10::IntArrayRef ignore_index, c10::ArrayRef<double> params,
+    const std::vector<std::string>& task_names, int64_t chunk_rows) {
+  const TaskTable table = check_multi_task_inputs(h, weight, bias, targets, col_weight, col_task, kinds, col_offsets,
+                                                  ignore_index, params, task_names);
+  TORCH_CHECK_VALUE(chunk_rows > 0, "mtlfast: chunk_rows must be positive, got ", chunk_rows);
+  const c10::cuda::CUDAGuard guard(h.device());
+  LossPipeline pipeline(table, h, targets, col_weight);
+
+  const int64_t N = table.rows;
+  const int64_t D = table.features;
+  const int64_t S = table.columns;
+  const int64_t T = table.num_tasks();
+  // Chunks start at multiples of cuda::kRowAlignment (the loss partial slots cover aligned row groups).
+  const int64_t chunk = std::min(N, (chunk_rows + cuda::kRowAlignment - 1) / cuda::kRowAlignment * cuda::kRowAlignment);
+  const auto acc_options = h.options().dtype(accumulation_dtype(h.scalar_type()));
+
+  at::Tensor grad_h_per_task = at::empty({T, N, D}, acc_options);
+  at::Tensor grad_weight = at::empty({S, D}, acc_options);  // the first chunk's GEMM overwrites it
+  at::Tensor grad_bias = bias.has_value() ? at::zeros({S}, acc_options) : at::empty({0}, acc_options);
+  // Rows padded to 16 bytes: with an odd S (e.g. 32000 + 5 + 1 classes) cuBLAS would otherwise fall back to
+  // slower kernels for all three GEMMs that touch the chunk's logits.
+  const int64_t row_align = 16 / h.element_size();
+  const int64_t ld = (S + row_align - 1) / row_align * row_align;
+  at::Tensor logits_buffer = at::empty({chunk, ld}, h.options());
+  for (int64_t t = 0; t < T; ++t) {
+    if (table.kinds[t] == kNone) {
+      grad_h_per_task.select(0, t).zero_();
+    }
+  }
+
+  pipeline.compute_denominators();
+  for (int64_t begin = 0; begin < N; begin += chunk) {
+    const int64_t rows = std::min(chunk, N - begin);
+    const at::Tensor h_chunk = h.narrow(0, begin, rows);
+    at::Tensor z = logits_buffer.narrow(0, 0, rows).narrow(1, 0, S);
+    if (bias.has_value()) {
+      at::addmm_out(z, *bias, h_chunk, weight.t());
+    } else {
+      at::mm_out(z, h_chunk, weight.t());
+    }
+    pipeline.segment_losses(z, z, begin);  // z now holds the logit gradient of the chunk
+    gemm_to_accumulator(grad_weight, z.t(), h_chunk, /*accumulate=*/begin > 0);
+    if (bias.has_value()) {
+      grad_bias.add_(z.sum(0, /*keepdim=*/false, grad_bias.scalar_type()));
+    }
+    for (int64_t t = 0; t < T; ++t) {
+      if (table.kinds[t] == kNone) {
+        continue;
+      }
+      const int64_t offset = table.col_offsets[t];
+      const int64_t width = table.width(t);
+      at::Tensor out = grad_h_per_task.select(0, t).narrow(0, begin, rows);
+      gemm_to_accumulator(out, z.narrow(1, offset, width), weight.narrow(0, offset, width), /*accumulate=*/false);
+    }
+  }
+  const at::Tensor losses = pipeline.finalize();
+  return {losses, grad_h_per_task, grad_weight, grad_bias};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(mtlfast, CUDA, m) {
+  m.impl("multi_task_loss", &multi_task_loss_cuda);
+  m.impl("multi_task_loss_chunked", &multi_task_loss_chunked_cuda);
+}
+
+}  // namespace mtlfast

@@ -1,0 +1,747 @@
+// CUDA kernels of the fused multi-task loss; the pipeline and buffer layouts are described in
+// multi_task_loss_kernels.h. No torch headers here: they would multiply this file's compile time (shared/BUILD.md).
+//
+// Work decomposition of the segmented loss pass (one read of the logits, gradient written in place):
+//   * segments of width C ≤ kMaxWarpSegmentWidth: a group of G = min(32, next_pow2(C)) lanes per row, so a
+//     warp handles 32/G rows of one task (64 binary heads: 32 rows per warp; 5-class heads: 4 rows per warp);
+//     the flattened grid assigns every task exactly the warps it needs (no idle blocks for narrow tasks);
+//   * wider segments (a 32k-class head): a block per (row, task), 16-byte vector accesses, an online
+//     max / Σexp pass followed by a pass writing the gradients.
+// Each warp (small segments) or block (wide ones) writes the loss of its rows to its own slot of the loss
+// partials, and every reduction (lane groups, warps, blocks, partial slots) runs in a fixed order.
+#include "multi_task_loss_kernels.h"
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cfloat>
+#include <climits>
+#include <cstdint>
+
+#include "mtlfast/loss_math.h"
+
+namespace mtlfast {
+namespace cuda {
+namespace {
+
+constexpr unsigned kFullMask = 0xffffffffu;
+constexpr int kWarpSize = 32;
+constexpr int kWarpKernelThreads = 256;
+// An 85-register budget: with none, ptxas (sm_90) settles on 40 registers and spills in the fp32 kernel.
+constexpr int kWarpKernelMinBlocks = 3;
+constexpr int kRowKernelThreads = 256;
+constexpr int kRowKernelWarps = kRowKernelThreads / kWarpSize;
+constexpr int kDenominatorThreads = 256;
+constexpr int kDenominatorWarps = kDenominatorThreads / kWarpSize;
+// A finalize block sums up to N partials (one per row for wide tasks): enough threads for few loads each.
+constexpr int kFinalizeThreads = 1024;
+constexpr int kFinalizeWarps = kFinalizeThreads / kWarpSize;
+constexpr int64_t kMinRowsPerDenominatorSlot = 128;
+
+// ---------------------------------------------------------------------------------------------------------------
+// Types
+
+template <typename scalar_t>
+struct ScalarTraits;
+
+template <>
+struct ScalarTraits<float> {
+  using acc_t = float;
+  static __device__ __forceinline__ float to_acc(float v) { return v; }
+  static __device__ __forceinline__ float from_acc(float v) { return v; }
+};
+
+template <>
+struct ScalarTraits<double> {
+  using acc_t = double;
+  static __device__ __forceinline__ double to_acc(double v) { return v; }
+  static __device__ __forceinline__ double from_acc(double v) { return v; }
+};
+
+template <>
+struct ScalarTraits<__half> {
+  using acc_t = float;
+  static __device__ __forceinline__ float to_acc(__half v) { return __half2float(v); }
+  static __device__ __forceinline__ __half from_acc(float v) { return __float2half_rn(v); }
+};
+
+template <>
+struct ScalarTraits<__nv_bfloat16> {
+  using acc_t = float;
+  static __device__ __forceinline__ float to_acc(__nv_bfloat16 v) { return __bfloat162float(v); }
+  static __device__ __forceinline__ __nv_bfloat16 from_acc(float v) { return __float2bfloat16_rn(v); }
+};
+
+// Finite stand-in for -inf as the initial running max: exp(lowest - v) is 0, never exp(-inf + inf) = NaN.
+template <typename acc_t>
+__device__ __forceinline__ acc_t lowest();
+template <>
+__device__ __forceinline__ float lowest<float>() { return -FLT_MAX; }
+template <>
+__device__ __forceinline__ double lowest<double>() { return -DBL_MAX; }
+
+// Products that the compiler may not contract into an FMA: a·b + c·d then rounds the same way whichever operand
+// order two lanes of a butterfly use, so all lanes end with bitwise identical statistics.
+__device__ __forceinline__ float mul_rn(float a, float b) { return __fmul_rn(a, b); }
+__device__ __forceinline__ double mul_rn(double a, double b) { return __dmul_rn(a, b); }
+
+__host__ __device__ __forceinline__ int group_width(int64_t width) {
+  int lanes = 1;
+  while (lanes < width && lanes < kWarpSize) {
+    lanes <<= 1;
+  }
+  return lanes;
+}
+
+// Rows covered by one loss partial slot: a warp's rows for narrow segments, one row for wide ones.
+__host__ __device__ __forceinline__ int rows_per_loss_part(int64_t width) {
+  return width > kMaxWarpSegmentWidth ? 1 : kWarpSize / group_width(width);
+}
+
+// Running softmax statistics of one cross-entropy row (or of the part of it one thread has seen).
+template <typename acc_t>
+struct SoftmaxStats {
+  acc_t max;       // running max of the logits
+  acc_t sum_exp;   // Σ exp(z_c - max)
+  acc_t target;    // z_y, contributed by the thread that owns column y
+  acc_t weighted;  // Σ w_c z_c (label smoothing only)
+  acc_t weights;   // Σ w_c     (label smoothing with class weights only)
+
+  __device__ __forceinline__ void add_logit(acc_t z) {
+    if (z > max) {
+      sum_exp = sum_exp * ::exp(max - z) + acc_t(1);
+      max = z;
+    } else {
+      sum_exp += ::exp(z - max);
+    }
+  }
+};
+
+template <typename acc_t>
+__device__ __forceinline__ SoftmaxStats<acc_t> empty_stats() {
+  return {lowest<acc_t>(), acc_t(0), acc_t(0), acc_t(0), acc_t(0)};
+}
+
+// Reduction operators (functors, so the reductions below inline them).
+struct Sum {
+  template <typename T>
+  __device__ __forceinline__ T operator()(T a, T b) const {
+    return a + b;
+  }
+};
+
+struct CombineStats {
+  template <typename acc_t>
+  __device__ __forceinline__ SoftmaxStats<acc_t> operator()(const SoftmaxStats<acc_t>& a,
+                                                            const SoftmaxStats<acc_t>& b) const {
+    const acc_t m = ::fmax(a.max, b.max);
+    return {m, mul_rn(a.sum_exp, ::exp(a.max - m)) + mul_rn(b.sum_exp, ::exp(b.max - m)), a.target + b.target,
+            a.weighted + b.weighted, a.weights + b.weights};
+  }
+};
+
+template <typename acc_t>
+__device__ __forceinline__ SoftmaxStats<acc_t> shfl_xor(const SoftmaxStats<acc_t>& s, int offset) {
+  return {__shfl_xor_sync(kFullMask, s.max, offset), __shfl_xor_sync(kFullMask, s.sum_exp, offset),
+          __shfl_xor_sync(kFullMask, s.target, offset), __shfl_xor_sync(kFullMask, s.weighted, offset),
+          __shfl_xor_sync(kFullMask, s.weights, offset)};
+}
+
+template <typename acc_t>
+__device__ __forceinline__ acc_t shfl_xor(acc_t v, int offset) {
+  return __shfl_xor_sync(kFullMask, v, offset);
+}
+
+// Butterfly over aligned groups of `lanes` lanes (a power of two): every lane of a group ends with the same value.
+// All 32 lanes must call it.
+template <typename T, typename Op>
+__device__ __forceinline__ T group_all_reduce(T v, int lanes, Op op) {
+  for (int offset = 1; offset < lanes; offset <<= 1) {
+    v = op(v, shfl_xor(v, offset));
+  }
+  return v;
+}
+
+// All threads of the block get the same value; warp results are combined in warp order. `scratch` holds one
+// value per warp. All threads must call it.
+template <int kWarps, typename T, typename Op>
+__device__ __forceinline__ T block_all_reduce(T v, Op op, T* scratch) {
+  v = group_all_reduce(v, kWarpSize, op);
+  const int warp = threadIdx.x / kWarpSize;
+  if (threadIdx.x % kWarpSize == 0) {
+    scratch[warp] = v;
+  }
+  __syncthreads();
+  T result = scratch[0];
+  for (int w = 1; w < kWarps; ++w) {
+    result = op(result, scratch[w]);
+  }
+  __syncthreads();  // scratch may be reused right after
+  return result;
+}
+
+// 1 / (the task's denominator), or 0 when it has no valid entry. Reduces the denominator partials with one warp
+// in a fixed order; every caller (loss pass, finalize) therefore sees bitwise the same denominator.
+template <typename acc_t>
+__device__ __forceinline__ acc_t inverse_denominator(const void* parts, int32_t slots, int32_t task_index) {
+  const int lane = threadIdx.x % kWarpSize;
+  const acc_t* task_parts = static_cast<const acc_t*>(parts) + int64_t(task_index) * kMaxDenominatorSlots;
+  const acc_t v = lane < slots ? task_parts[lane] : acc_t(0);
+  return safe_reciprocal(group_all_reduce(v, kWarpSize, Sum{}));
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Per-element pieces shared by the warp and the block kernels
+
+// Dense kinds: loss of one element (0 for a NaN = missing target); stores its scaled gradient.
+template <int64_t kKind, typename acc_t>
+__device__ __forceinline__ acc_t dense_element(acc_t z, acc_t y, acc_t param, acc_t inv_denominator, acc_t* grad) {
+  if (isnan(y)) {
+    *grad = acc_t(0);
+    return acc_t(0);
+  }
+  const LossAndGrad<acc_t> r = elementwise_loss<acc_t>(kKind, z, y, param);
+  *grad = r.grad * inv_denominator;
+  return r.loss;
+}
+
+// The per-column parameter of a dense kind: pos_weight (BCE, 1 without col_weight) or delta (Huber).
+template <int64_t kKind, typename acc_t>
+__device__ __forceinline__ acc_t dense_param(const acc_t* pos_weight, int64_t c, acc_t task_param) {
+  if (kKind == kBCE) {
+    return pos_weight != nullptr ? pos_weight[c] : acc_t(1);
+  }
+  return task_param;
+}
+
+// Cross-entropy row quantities derived from the reduced statistics (loss_math.h's formulas).
+template <typename acc_t>
+struct CrossEntropyTerms {
+  CrossEntropyRow<acc_t> row;
+  acc_t smoothing_scale;  // ε / C: b_c = smoothing_scale · w_c
+  acc_t inv_sum_exp;
+};
+
+template <typename acc_t>
+__device__ __forceinline__ CrossEntropyTerms<acc_t> cross_entropy_terms(const SoftmaxStats<acc_t>& s,
+                                                                        const acc_t* class_weight, int64_t y,
+                                                                        acc_t smoothing, int32_t width) {
+  const acc_t weight_of_target = class_weight != nullptr ? class_weight[y] : acc_t(1);
+  const acc_t sum_class_weights = class_weight != nullptr ? s.weights : acc_t(width);
+  return {cross_entropy_row(smoothing, weight_of_target, sum_class_weights, width), smoothing / acc_t(width),
+          acc_t(1) / s.sum_exp};
+}
+
+template <typename acc_t>
+__device__ __forceinline__ acc_t cross_entropy_loss(const CrossEntropyTerms<acc_t>& t, const SoftmaxStats<acc_t>& s) {
+  return cross_entropy_row_loss(t.row, s.max + ::log(s.sum_exp), s.target, t.smoothing_scale * s.weighted);
+}
+
+template <typename acc_t>
+__device__ __forceinline__ acc_t cross_entropy_element_grad(const CrossEntropyTerms<acc_t>& t,
+                                                            const SoftmaxStats<acc_t>& s, acc_t z, bool is_target,
+                                                            acc_t class_weight_c, acc_t inv_denominator) {
+  const acc_t prob = ::exp(z - s.max) * t.inv_sum_exp;
+  return cross_entropy_grad(t.row, prob, is_target, t.smoothing_scale * class_weight_c) * inv_denominator;
+}
+
+// w_c as the label-smoothing term needs it (1 without class weights; unused, so not loaded, without smoothing).
+template <typename acc_t>
+__device__ __forceinline__ acc_t smoothing_class_weight(const acc_t* class_weight, int64_t c, acc_t smoothing) {
+  return smoothing > acc_t(0) && class_weight != nullptr ? class_weight[c] : acc_t(1);
+}
+
+// The loss of a row whose class index is not a class: 0 when ignored, NaN when out of range (the CUDA op cannot
+// raise without a host sync, so the task's loss becomes NaN instead of a silently wrong number).
+template <typename acc_t>
+__device__ __forceinline__ acc_t invalid_target_loss(bool ignored) {
+  return ignored ? acc_t(0) : acc_t(NAN);
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Narrow segments: `lanes` lanes per row, 32 / lanes rows per warp
+
+template <typename scalar_t>
+struct WarpRow {
+  using acc_t = typename ScalarTraits<scalar_t>::acc_t;
+  const scalar_t* logits;  // the task's segment of this lane's row
+  scalar_t* grad;
+  int64_t row;             // global row index
+  int lane_in_row;
+  int lanes;
+  bool active;             // false for the lanes past the last row (they still join the shuffles)
+  acc_t inv_denominator;
+};
+
+template <int64_t kKind, typename scalar_t>
+__device__ __forceinline__ typename ScalarTraits<scalar_t>::acc_t dense_segment_warp(const TaskMeta& task,
+                                                                                     const SegmentArgs& args,
+                                                                                     const WarpRow<scalar_t>& r) {
+  using T = ScalarTraits<scalar_t>;
+  using acc_t = typename T::acc_t;
+  if (!r.active) {
+    return acc_t(0);
+  }
+  const acc_t* y = static_cast<const acc_t*>(task.target) + r.row * task.width;
+  const acc_t* pos_weight =
+      args.col_weight != nullptr ? static_cast<const acc_t*>(args.col_weight) + task.col_offset : nullptr;
+  const acc_t task_param = acc_t(task.param);
+  acc_t loss = acc_t(0);
+  for (int c = r.lane_in_row; c < task.width; c += r.lanes) {
+    acc_t grad;
+    loss += dense_element<kKind>(T::to_acc(r.logits[c]), y[c], dense_param<kKind>(pos_weight, c, task_param),
+                                 r.inv_denominator, &grad);
+    r.grad[c] = T::from_acc(grad);
+  }
+  return loss;
+}
+
+template <typename scalar_t>
+__device__ __forceinline__ typename ScalarTraits<scalar_t>::acc_t cross_entropy_segment_warp(
+    const TaskMeta& task, const SegmentArgs& args, const WarpRow<scalar_t>& r) {
+  using T = ScalarTraits<scalar_t>;
+  using acc_t = typename T::acc_t;
+  const int64_t y = r.active ? static_cast<const int64_t*>(task.target)[r.row] : task.ignore_index;
+  const bool ignored = y == task.ignore_index;
+  const bool valid = !ignored && y >= 0 && y < task.width;
+  const acc_t* class_weight =
+      args.col_weight != nullptr ? static_cast<const acc_t*>(args.col_weight) + task.col_offset : nullptr;
+  const acc_t smoothing = acc_t(task.param);
+
+  // Pass 1: softmax statistics; the target logit comes from the lane owning column y (in place, no other lane
+  // may read a column its owner is about to overwrite).
+  SoftmaxStats<acc_t> stats = empty_stats<acc_t>();
+  if (valid) {
+    for (int c = r.lane_in_row; c < task.width; c += r.lanes) {
+      const acc_t z = T::to_acc(r.logits[c]);
+      stats.add_logit(z);
+      if (c == y) {
+        stats.target = z;
+      }
+      if (smoothing > acc_t(0)) {
+        const acc_t w = smoothing_class_weight(class_weight, c, smoothing);
+        stats.weighted += w * z;
+        stats.weights += w;
+      }
+    }
+  }
+  stats = group_all_reduce(stats, r.lanes, CombineStats{});
+  if (!r.active) {
+    return acc_t(0);
+  }
+  if (!valid) {
+    for (int c = r.lane_in_row; c < task.width; c += r.lanes) {
+      r.grad[c] = T::from_acc(acc_t(0));
+    }
+    return r.lane_in_row == 0 ? invalid_target_loss<acc_t>(ignored) : acc_t(0);
+  }
+
+  // Pass 2: gradients over the (cache-hot) logits.
+  const CrossEntropyTerms<acc_t> terms = cross_entropy_terms(stats, class_weight, y, smoothing, task.width);
+  for (int c = r.lane_in_row; c < task.width; c += r.lanes) {
+    r.grad[c] = T::from_acc(cross_entropy_element_grad(terms, stats, T::to_acc(r.logits[c]), c == y,
+                                                       smoothing_class_weight(class_weight, c, smoothing),
+                                                       r.inv_denominator));
+  }
+  return r.lane_in_row == 0 ? cross_entropy_loss(terms, stats) : acc_t(0);
+}
+
+template <typename scalar_t>
+__global__ void __launch_bounds__(kWarpKernelThreads, kWarpKernelMinBlocks)
+    segment_loss_warp_kernel(const __grid_constant__ TaskBatch batch, const __grid_constant__ SegmentArgs args) {
+  using acc_t = typename ScalarTraits<scalar_t>::acc_t;
+  const int warp = blockIdx.x * (kWarpKernelThreads / kWarpSize) + threadIdx.x / kWarpSize;
+  if (warp >= batch.total_warps) {
+    return;  // whole warps only: the shuffles below never miss a lane
+  }
+  // The task owning this warp: the last one whose first warp is ≤ warp (tasks are in first_warp order).
+  int lo = 0;
+  int hi = batch.count - 1;
+  while (lo < hi) {
+    const int mid = (lo + hi + 1) / 2;
+    if (batch.task[mid].first_warp <= warp) {
+      lo = mid;
+    } else {
+      hi = mid - 1;
+    }
+  }
+  const TaskMeta& task = batch.task[lo];
+  const int lane = threadIdx.x % kWarpSize;
+  const int lanes = group_width(task.width);
+  const int rows_per_warp = kWarpSize / lanes;
+  const int64_t first_row = int64_t(warp - task.first_warp) * rows_per_warp;  // within the chunk
+  const int64_t local_row = first_row + lane / lanes;
+
+  WarpRow<scalar_t> r;
+  r.active = local_row < args.rows;
+  const int64_t offset = local_row * args.ld + task.col_offset;
+  r.logits = static_cast<const scalar_t*>(args.logits) + offset;
+  r.grad = static_cast<scalar_t*>(args.grad) + offset;
+  r.row = args.row_begin + local_row;
+  r.lane_in_row = lane % lanes;
+  r.lanes = lanes;
+  r.inv_denominator = inverse_denominator<acc_t>(args.denominator_parts, args.denominator_slots, task.index);
+
+  acc_t loss = acc_t(0);
+  switch (task.kind) {
+    case kCrossEntropy:
+      loss = cross_entropy_segment_warp(task, args, r);
+      break;
+    case kBCE:
+      loss = dense_segment_warp<kBCE>(task, args, r);
+      break;
+    case kMSE:
+      loss = dense_segment_warp<kMSE>(task, args, r);
+      break;
+    case kL1:
+      loss = dense_segment_warp<kL1>(task, args, r);
+      break;
+    case kHuber:
+      loss = dense_segment_warp<kHuber>(task, args, r);
+      break;
+    default:  // kNone: absent from the batch, zero gradient
+      if (r.active) {
+        for (int c = r.lane_in_row; c < task.width; c += lanes) {
+          r.grad[c] = ScalarTraits<scalar_t>::from_acc(acc_t(0));
+        }
+      }
+      break;
+  }
+  loss = group_all_reduce(loss, kWarpSize, Sum{});
+  if (lane == 0) {
+    const int64_t slot = (args.row_begin + first_row) / rows_per_warp;
+    static_cast<acc_t*>(args.loss_parts)[int64_t(task.index) * args.loss_parts_stride + slot] = loss;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Wide segments: a block per (row, task)
+
+// Visits the n elements of a row segment, each by exactly one thread (the same thread in every call, so a pass
+// writing in place only overwrites elements its own thread has read), with 16-byte accesses on the aligned body.
+// visit(c, value) returns the value stored at c when kWrite. Without kRead the value passed is 0.
+template <bool kRead, bool kWrite, typename scalar_t, typename Visit>
+__device__ __forceinline__ void for_each_in_segment(const scalar_t* in, scalar_t* out, int64_t n, Visit visit) {
+  using T = ScalarTraits<scalar_t>;
+  using acc_t = typename T::acc_t;
+  constexpr int kVec = 16 / sizeof(scalar_t);
+  struct alignas(16) Pack {
+    scalar_t v[kVec];
+  };
+  const scalar_t* base = kRead ? in : out;
+  const int phase = static_cast<int>((reinterpret_cast<uintptr_t>(base) / sizeof(scalar_t)) % kVec);
+  const int64_t head = phase == 0 ? 0 : (n < kVec - phase ? n : kVec - phase);
+  const int64_t packs = (n - head) / kVec;
+  const int64_t tail = head + packs * kVec;
+
+  auto one = [&](int64_t c) {
+    acc_t value = acc_t(0);
+    if constexpr (kRead) {
+      value = T::to_acc(in[c]);
+    }
+    const acc_t r = visit(c, value);
+    if constexpr (kWrite) {
+      out[c] = T::from_acc(r);
+    }
+  };
+  for (int64_t c = threadIdx.x; c < head; c += blockDim.x) {
+    one(c);
+  }
+  for (int64_t p = threadIdx.x; p < packs; p += blockDim.x) {
+    Pack values;
+    if constexpr (kRead) {
+      values = reinterpret_cast<const Pack*>(in + head)[p];
+    }
+    Pack result;
+#pragma unroll
+    for (int j = 0; j < kVec; ++j) {
+      acc_t value = acc_t(0);
+      if constexpr (kRead) {
+        value = T::to_acc(values.v[j]);
+      }
+      result.v[j] = T::from_acc(visit(head + p * kVec + j, value));
+    }
+    if constexpr (kWrite) {
+      reinterpret_cast<Pack*>(out + head)[p] = result;
+    }
+  }
+  for (int64_t c = tail + threadIdx.x; c < n; c += blockDim.x) {
+    one(c);
+  }
+}
+
+template <typename scalar_t>
+__device__ __forceinline__ void zero_segment(scalar_t* grad, int64_t n) {
+  using acc_t = typename ScalarTraits<scalar_t>::acc_t;
+  for_each_in_segment<false, true>(static_cast<const scalar_t*>(nullptr), grad, n,
+                                   [](int64_t, acc_t) { return acc_t(0); });
+}
+
+template <int64_t kKind, typename scalar_t>
+__device__ __forceinline__ typename ScalarTraits<scalar_t>::acc_t dense_segment_block(
+    const TaskMeta& task, const SegmentArgs& args, int64_t row, const scalar_t* logits, scalar_t* grad,
+    typename ScalarTraits<scalar_t>::acc_t inv_denominator) {
+  using acc_t = typename ScalarTraits<scalar_t>::acc_t;
+  __shared__ acc_t scratch[kRowKernelWarps];
+  const acc_t* y = static_cast<const acc_t*>(task.target) + row * task.width;
+  const acc_t* pos_weight =
+      args.col_weight != nullptr ? static_cast<const acc_t*>(args.col_weight) + task.col_offset : nullptr;
+  const acc_t task_param = acc_t(task.param);
+  acc_t loss = acc_t(0);
+  for_each_in_segment<true, true>(logits, grad, task.width, [&](int64_t c, acc_t z) {
+    acc_t g;
+    loss += dense_element<kKind>(z, y[c], dense_param<kKind>(pos_weight, c, task_param), inv_denominator, &g);
+    return g;
+  });
+  return block_all_reduce<kRowKernelWarps>(loss, Sum{}, scratch);
+}
+
+template <typename scalar_t>
+__device__ __forceinline__ typename ScalarTraits<scalar_t>::acc_t cross_entropy_segment_block(
+    const TaskMeta& task, const SegmentArgs& args, int64_t row, const scalar_t* logits, scalar_t* grad,
+    typename ScalarTraits<scalar_t>::acc_t inv_denominator) {
+  using acc_t = typename ScalarTraits<scalar_t>::acc_t;
+  __shared__ SoftmaxStats<acc_t> scratch[kRowKernelWarps];
+  const int64_t y = static_cast<const int64_t*>(task.target)[row];
+  const bool ignored = y == task.ignore_index;
+  if (ignored || y < 0 || y >= task.width) {  // uniform over the block
+    zero_segment(grad, task.width);
+    return invalid_target_loss<acc_t>(ignored);
+  }
+  const acc_t* class_weight =
+      args.col_weight != nullptr ? static_cast<const acc_t*>(args.col_weight) + task.col_offset : nullptr;
+  const acc_t smoothing = acc_t(task.param);
+
+  SoftmaxStats<acc_t> stats = empty_stats<acc_t>();
+  for_each_in_segment<true, false>(logits, grad, task.width, [&](int64_t c, acc_t z) {
+    stats.add_logit(z);
+    if (c == y) {
+      stats.target = z;
+    }
+    if (smoothing > acc_t(0)) {
+      const acc_t w = smoothing_class_weight(class_weight, c, smoothing);
+      stats.weighted += w * z;
+      stats.weights += w;
+    }
+    return acc_t(0);
+  });
+  stats = block_all_reduce<kRowKernelWarps>(stats, CombineStats{}, scratch);
+
+  const CrossEntropyTerms<acc_t> terms = cross_entropy_terms(stats, class_weight, y, smoothing, task.width);
+  for_each_in_segment<true, true>(logits, grad, task.width, [&](int64_t c, acc_t z) {
+    return cross_entropy_element_grad(terms, stats, z, c == y, smoothing_class_weight(class_weight, c, smoothing),
+                                      inv_denominator);
+  });
+  return cross_entropy_loss(terms, stats);
+}
+
+template <typename scalar_t>
+__global__ void __launch_bounds__(kRowKernelThreads)
+    segment_loss_row_kernel(const __grid_constant__ TaskBatch batch, const __grid_constant__ SegmentArgs args) {
+  using acc_t = typename ScalarTraits<scalar_t>::acc_t;
+  const TaskMeta& task = batch.task[blockIdx.y];
+  const int64_t local_row = blockIdx.x;
+  const int64_t row = args.row_begin + local_row;
+  const int64_t offset = local_row * args.ld + task.col_offset;
+  const scalar_t* logits = static_cast<const scalar_t*>(args.logits) + offset;
+  scalar_t* grad = static_cast<scalar_t*>(args.grad) + offset;
+  const acc_t inv_denominator =
+      inverse_denominator<acc_t>(args.denominator_parts, args.denominator_slots, task.index);
+
+  acc_t loss = acc_t(0);
+  switch (task.kind) {
+    case kCrossEntropy:
+      loss = cross_entropy_segment_block(task, args, row, logits, grad, inv_denominator);
+      break;
+    case kBCE:
+      loss = dense_segment_block<kBCE>(task, args, row, logits, grad, inv_denominator);
+      break;
+    case kMSE:
+      loss = dense_segment_block<kMSE>(task, args, row, logits, grad, inv_denominator);
+      break;
+    case kL1:
+      loss = dense_segment_block<kL1>(task, args, row, logits, grad, inv_denominator);
+      break;
+    case kHuber:
+      loss = dense_segment_block<kHuber>(task, args, row, logits, grad, inv_denominator);
+      break;
+    default:  // kNone
+      zero_segment(grad, task.width);
+      break;
+  }
+  if (threadIdx.x == 0) {
+    static_cast<acc_t*>(args.loss_parts)[int64_t(task.index) * args.loss_parts_stride + row] = loss;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Denominators and final losses
+
+// Block (slot, task): the denominator contribution of rows [slot·per_slot, (slot+1)·per_slot).
+template <typename acc_t>
+__global__ void __launch_bounds__(kDenominatorThreads)
+    denominator_kernel(const __grid_constant__ TaskBatch batch, int64_t rows, const acc_t* col_weight,
+                       acc_t* parts) {
+  __shared__ acc_t scratch[kDenominatorWarps];
+  const TaskMeta& task = batch.task[blockIdx.y];
+  const int64_t per_slot = (rows + gridDim.x - 1) / gridDim.x;
+  const int64_t begin = blockIdx.x * per_slot;
+  const int64_t end = begin + per_slot < rows ? begin + per_slot : rows;
+
+  acc_t weight_sum = acc_t(0);
+  int64_t count = 0;  // exact; converted once
+  if (task.kind == kCrossEntropy) {
+    const int64_t* y = static_cast<const int64_t*>(task.target);
+    const acc_t* class_weight = col_weight != nullptr ? col_weight + task.col_offset : nullptr;
+    for (int64_t r = begin + threadIdx.x; r < end; r += blockDim.x) {
+      const int64_t v = y[r];
+      if (v != task.ignore_index && v >= 0 && v < task.width) {
+        if (class_weight != nullptr) {
+          weight_sum += class_weight[v];
+        } else {
+          ++count;
+        }
+      }
+    }
+  } else if (task.kind != kNone) {
+    const acc_t* y = static_cast<const acc_t*>(task.target);
+    for (int64_t i = begin * task.width + threadIdx.x; i < end * task.width; i += blockDim.x) {
+      count += isnan(y[i]) ? 0 : 1;
+    }
+  }
+  const acc_t total =
+      block_all_reduce<kDenominatorWarps>(weight_sum + static_cast<acc_t>(count), Sum{}, scratch);
+  if (threadIdx.x == 0) {
+    parts[int64_t(task.index) * kMaxDenominatorSlots + blockIdx.x] = total;
+  }
+}
+
+// Block per task: the loss partials of all rows, summed in a fixed order, × 1/denominator.
+template <typename acc_t>
+__global__ void __launch_bounds__(kFinalizeThreads)
+    finalize_kernel(const __grid_constant__ TaskBatch batch, int64_t rows, const acc_t* denominator_parts,
+                    int32_t denominator_slots, const acc_t* loss_parts, int64_t loss_parts_stride, acc_t* losses) {
+  __shared__ acc_t scratch[kFinalizeWarps];
+  const TaskMeta& task = batch.task[blockIdx.x];
+  const int rows_per_part = rows_per_loss_part(task.width);
+  const int64_t parts = (rows + rows_per_part - 1) / rows_per_part;
+  const acc_t* task_parts = loss_parts + int64_t(task.index) * loss_parts_stride;
+  acc_t sum = acc_t(0);
+  for (int64_t i = threadIdx.x; i < parts; i += blockDim.x) {
+    sum += task_parts[i];
+  }
+  sum = block_all_reduce<kFinalizeWarps>(sum, Sum{}, scratch);
+  const acc_t inv_denominator = inverse_denominator<acc_t>(denominator_parts, denominator_slots, task.index);
+  if (threadIdx.x == 0) {
+    losses[task.index] = sum * inv_denominator;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Launchers
+
+template <typename Launch>
+void dispatch_input_dtype(InputDType dtype, Launch&& launch) {
+  switch (dtype) {
+    case InputDType::kFloat:
+      launch(float{});
+      break;
+    case InputDType::kDouble:
+      launch(double{});
+      break;
+    case InputDType::kHalf:
+      launch(__half{});
+      break;
+    case InputDType::kBFloat16:
+      launch(__nv_bfloat16{});
+      break;
+  }
+}
+
+bool valid_batch(const TaskBatch& batch) { return batch.count > 0 && batch.count <= kMaxTasksPerLaunch; }
+
+}  // namespace
+
+int denominator_slots(int64_t rows) {
+  const int64_t slots = (rows + kMinRowsPerDenominatorSlot - 1) / kMinRowsPerDenominatorSlot;
+  return static_cast<int>(slots < 1 ? 1 : (slots > kMaxDenominatorSlots ? kMaxDenominatorSlots : slots));
+}
+
+cudaError_t launch_denominators(InputDType dtype, const TaskBatch& batch, int64_t rows, const void* col_weight,
+                                void* denominator_parts, int32_t slots, cudaStream_t stream) {
+  if (!valid_batch(batch) || rows <= 0 || slots < 1 || slots > kMaxDenominatorSlots) {
+    return cudaErrorInvalidValue;
+  }
+  const dim3 grid(slots, batch.count);
+  if (dtype == InputDType::kDouble) {
+    denominator_kernel<double><<<grid, kDenominatorThreads, 0, stream>>>(
+        batch, rows, static_cast<const double*>(col_weight), static_cast<double*>(denominator_parts));
+  } else {
+    denominator_kernel<float><<<grid, kDenominatorThreads, 0, stream>>>(
+        batch, rows, static_cast<const float*>(col_weight), static_cast<float*>(denominator_parts));
+  }
+  return cudaGetLastError();
+}
+
+cudaError_t launch_segment_losses(InputDType dtype, const TaskBatch& batch, const SegmentArgs& args,
+                                  cudaStream_t stream) {
+  const auto phase = [](const void* p) { return reinterpret_cast<uintptr_t>(p) % 16; };
+  if (!valid_batch(batch) || args.rows <= 0 || args.rows > INT_MAX || args.row_begin % kRowAlignment != 0 ||
+      phase(args.logits) != phase(args.grad)) {
+    return cudaErrorInvalidValue;
+  }
+  // Split the batch: narrow segments get consecutive warp ranges in the warp kernel, wide ones a grid row each.
+  TaskBatch narrow{};
+  TaskBatch wide{};
+  int64_t warps = 0;
+  for (int i = 0; i < batch.count; ++i) {
+    TaskMeta task = batch.task[i];
+    if (task.width > kMaxWarpSegmentWidth) {
+      wide.task[wide.count++] = task;
+    } else {
+      task.first_warp = static_cast<int32_t>(warps);
+      warps += (args.rows + rows_per_loss_part(task.width) - 1) / rows_per_loss_part(task.width);
+      if (warps > INT_MAX - kWarpKernelThreads) {
+        return cudaErrorInvalidValue;
+      }
+      narrow.task[narrow.count++] = task;
+    }
+  }
+  narrow.total_warps = static_cast<int32_t>(warps);
+
+  dispatch_input_dtype(dtype, [&](auto tag) {
+    using scalar_t = decltype(tag);
+    if (narrow.count > 0) {
+      constexpr int kWarpsPerBlock = kWarpKernelThreads / kWarpSize;
+      const unsigned blocks = static_cast<unsigned>((warps + kWarpsPerBlock - 1) / kWarpsPerBlock);
+      segment_loss_warp_kernel<scalar_t><<<blocks, kWarpKernelThreads, 0, stream>>>(narrow, args);
+    }
+    if (wide.count > 0) {
+      const dim3 grid(static_cast<unsigned>(args.rows), wide.count);
+      segment_loss_row_kernel<scalar_t><<<grid, kRowKernelThreads, 0, stream>>>(wide, args);
+    }
+  });
+  return cudaGetLastError();
+}
+
+cudaError_t launch_finalize_losses(InputDType dtype, const TaskBatch& batch, int64_t rows,
+                                   const void* denominator_parts, int32_t slots, const void* loss_parts,
+                                   int64_t loss_parts_stride, void* losses, cudaStream_t stream) {
+  if (!valid_batch(batch) || rows <= 0) {
+    return cudaErrorInvalidValue;
+  }
+  if (dtype == InputDType::kDouble) {
+    finalize_kernel<double><<<batch.count, kFinalizeThreads, 0, stream>>>(
+        batch, rows, static_cast<const double*>(denominator_parts), slots, static_cast<const double*>(loss_parts),
+        loss_parts_stride, static_cast<double*>(losses));
+  } else {
+    finalize_kernel<float><<<batch.count, kFinalizeThreads, 0, stream>>>(
+        batch, rows, static_cast<const float*>(denominator_parts), slots, static_cast<const float*>(loss_parts),
+        loss_parts_stride, static_cast<float*>(losses));
+  }
+  return cudaGetLastError();
+}
+
+}  // namespace cuda
+}  // namespace mtlfast

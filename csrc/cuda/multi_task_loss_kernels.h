@@ -1,0 +1,83 @@
+// Launchers of the CUDA kernels of the fused multi-task loss. Raw pointers, sizes and a stream only: this header
+// is shared by multi_task_loss_kernels.cu (kept free of torch headers, which would multiply its compile time) and
+// the ATen glue in multi_task_loss_cuda.cpp.
+//
+// One op call runs, on one stream and without host syncs:
+//   1. launch_denominators      per task and row slot: Σ class weight of valid targets (CE) / count of non-NaN
+//                               targets (dense kinds)            -> denominator partials (T, kMaxDenominatorSlots)
+//   2. launch_segment_losses    per (row, task): loss and logit gradient in one read of the logits, the gradient
+//                               written over the logits (scaled by 1/denominator) -> loss partials (T, N)
+//                               (called once per row chunk by the chunked op)
+//   3. launch_finalize_losses   per task: Σ loss partials in a fixed order × 1/denominator -> losses (T,)
+// Every reduction runs in a fixed order (no float atomics): the same inputs give bitwise the same outputs.
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+
+namespace mtlfast {
+namespace cuda {
+
+// Tasks per launch: the metadata travels by value as a kernel parameter (no host-to-device copy per call, so a
+// launch is CUDA-graph safe); the glue loops over groups of tasks beyond this.
+constexpr int kMaxTasksPerLaunch = 64;
+// Segments up to this width are processed by a warp (or a fraction of one) per row; wider ones by a block.
+constexpr int64_t kMaxWarpSegmentWidth = 1024;
+// Row slots of the denominator partials per task (the consumers reduce them with one warp).
+constexpr int kMaxDenominatorSlots = 32;
+// Row chunks of launch_segment_losses must start at a multiple of this (loss partial slots are per row group).
+constexpr int64_t kRowAlignment = 32;
+
+// The dtype of h / weight / logits. Losses, denominators, dense targets and col_weight use the accumulation
+// type: double for kDouble, float otherwise.
+enum class InputDType { kFloat, kDouble, kHalf, kBFloat16 };
+
+struct TaskMeta {
+  const void* target;    // int64 (N,) class indices (CE); (N, width) accumulation type (dense); null for kNone
+  int64_t col_offset;    // first head column of the task
+  int64_t ignore_index;  // CE only
+  double param;          // label smoothing (CE) / delta (Huber)
+  int32_t kind;          // mtlfast::LossKind; never kDistill (the glue rejects it)
+  int32_t width;         // C_t
+  int32_t index;         // the task's row in the per-task buffers (partials, losses)
+  int32_t first_warp;    // set by launch_segment_losses: first warp of the task in the warp-per-row kernel
+};
+
+struct TaskBatch {
+  int32_t count;        // tasks in use, ≤ kMaxTasksPerLaunch
+  int32_t total_warps;  // set by launch_segment_losses
+  TaskMeta task[kMaxTasksPerLaunch];
+};
+
+// The rows one launch_segment_losses call covers (a chunk of the batch, or all of it).
+struct SegmentArgs {
+  const void* logits;             // (rows, ld) input dtype, row-major
+  void* grad;                     // (rows, ld) input dtype; may be logits itself (in place); same 16-byte phase
+  int64_t rows;                   // rows in this chunk
+  int64_t row_begin;              // global index of its first row, a multiple of kRowAlignment
+  int64_t ld;                     // row stride of logits / grad (S)
+  const void* col_weight;         // (S,) accumulation type or null: CE class weights / BCE pos_weight
+  const void* denominator_parts;  // (T, kMaxDenominatorSlots) from launch_denominators
+  int32_t denominator_slots;      // slots in use per task
+  void* loss_parts;               // (T, loss_parts_stride) accumulation type, written at slots of global rows
+  int64_t loss_parts_stride;      // ≥ N
+};
+
+// The denominator row slots for a batch of `rows` rows (depends on the shape only, so results are reproducible).
+int denominator_slots(int64_t rows);
+
+cudaError_t launch_denominators(InputDType dtype, const TaskBatch& batch, int64_t rows, const void* col_weight,
+                                void* denominator_parts, int32_t denominator_slots, cudaStream_t stream);
+
+cudaError_t launch_segment_losses(InputDType dtype, const TaskBatch& batch, const SegmentArgs& args,
+                                  cudaStream_t stream);
+
+// losses[index] = Σ loss partials of the task over all N rows × 1/denominator (NaN when a class index was out of
+// range, 0 for a task with no valid entry).
+cudaError_t launch_finalize_losses(InputDType dtype, const TaskBatch& batch, int64_t rows,
+                                   const void* denominator_parts, int32_t denominator_slots, const void* loss_parts,
+                                   int64_t loss_parts_stride, void* losses, cudaStream_t stream);
+
+}  // namespace cuda
+}  // namespace mtlfast
