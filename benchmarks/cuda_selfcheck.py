@@ -34,8 +34,8 @@ NONE, CE, BCE, MSE, L1, HUBER = 0, 1, 2, 3, 4, 5
 KIND_NAMES = {NONE: "none", CE: "ce", BCE: "bce", MSE: "mse", L1: "l1", HUBER: "huber"}
 
 # Normalised max error bounds: max|actual - expected| / max(max|expected|, 1e-6 floor).
-E2E_TOL = {torch.float32: 2e-4, torch.float16: 5e-3, torch.bfloat16: 3e-2}
-KERNEL_TOL = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+E2E_TOL = {torch.float64: 1e-10, torch.float32: 2e-4, torch.float16: 5e-3, torch.bfloat16: 3e-2}
+KERNEL_TOL = {torch.float64: 1e-10, torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -298,7 +298,7 @@ def check_problem(p: Problem, dtype, report: Report, cpu_op: bool, chunk_rows: i
     report.add(p.name, dtype, f"chunked({chunk_rows}) grad_weight", rel_err(ch_dw, r_dw), E2E_TOL[dtype])
     if p.bias is not None:
         report.add(p.name, dtype, f"chunked({chunk_rows}) grad_bias", rel_err(ch_db, r_db), E2E_TOL[dtype])
-    acc = torch.float32
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
     report.flag(p.name, dtype, "chunked output dtypes", all(t.dtype == acc for t in (ch_losses, ch_dh, ch_dw)))
     if cpu_op and has_kernel("multi_task_loss_chunked", "CPU"):
         c = ops.multi_task_loss_chunked(*p.args("cpu", torch.float64), chunk_rows)
@@ -470,7 +470,7 @@ def load_ops(lib: str | None):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--lib", help="path of the built extension (_C*.so); default: import mtlfast")
-    parser.add_argument("--dtypes", default="float32,bfloat16,float16")
+    parser.add_argument("--dtypes", default="float32,bfloat16,float16", help="any of these and float64")
     parser.add_argument("--no-bench", action="store_true")
     parser.add_argument("--bench-only", action="store_true")
     parser.add_argument("--profile", action="store_true", help="only print per-kernel profiles of the configs")
