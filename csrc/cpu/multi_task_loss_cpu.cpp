@@ -1,0 +1,443 @@
+// CPU kernels of the fused multi-task loss (schemas and conventions: csrc/registration.cpp).
+//
+// Both ops share one loss pass over a (rows, S) block of logits: for every row and every task segment it adds
+// the task's loss to per-task sums and overwrites the logits IN PLACE with dL_t/dz, already divided by the task's
+// denominator. The denominators come from a pre-pass over the whole batch (so the chunked op scales every chunk
+// correctly), and the per-element / per-row formulas come from mtlfast/loss_math.h (shared with CUDA).
+//
+//   multi_task_loss          one GEMM for all heads, the loss pass on the full (N, S) logits, which become the
+//                            returned grad_logits.
+//   multi_task_loss_chunked  the same per chunk of rows, followed by the chunk's share of the weight, bias and
+//                            per-task input gradients, so the (N, S) logits never exist.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <string>
+#include <tuple>
+#include <vector>
+
+#include "mtlfast/loss_math.h"
+#include "mtlfast/task_table.h"
+
+namespace mtlfast {
+namespace {
+
+// `#pragma omp simd` below: with -fopenmp these are vectorisation directives (reductions may be reordered);
+// they start no threads. Threads come from at::parallel_for over row blocks.
+//
+// A row block of about this many logits stays in L1/L2 while the loss pass walks it task by task.
+constexpr int64_t kBlockElements = 4096;
+constexpr int64_t kMaxBlockRows = 256;
+// Fewer logits than this per thread do not repay waking another thread (the work per logit is one exp or so).
+constexpr int64_t kMinElementsPerThread = 16384;
+
+// What the loss pass needs about one task, resolved once per call.
+template <typename acc_t>
+struct TaskPass {
+  int64_t kind = kNone;
+  int64_t begin = 0;  // first packed column
+  int64_t width = 0;  // C_t
+  int64_t ignore_index = 0;
+  acc_t param = 0;              // label smoothing (cross-entropy) / delta (Huber)
+  acc_t sum_class_weights = 0;  // cross-entropy: Σ_c w_c over the task's columns
+  acc_t grad_scale = 0;         // 1 / denominator, 0 when the task has no valid entry
+  const int64_t* class_targets = nullptr;  // cross-entropy: (N,)
+  const acc_t* dense_targets = nullptr;    // dense kinds: (N, width), row-major
+};
+
+// Σ over non-ignored rows of the target's class weight: the number of valid rows when unweighted.
+template <typename acc_t>
+double cross_entropy_denominator(const TaskPass<acc_t>& task, int64_t rows, const acc_t* class_weights) {
+  double denominator = 0.0;
+  for (int64_t i = 0; i < rows; ++i) {
+    const int64_t y = task.class_targets[i];
+    if (y != task.ignore_index) {
+      denominator += static_cast<double>(class_weights[y]);
+    }
+  }
+  return denominator;
+}
+
+// Number of non-NaN (present) target entries.
+template <typename acc_t>
+double dense_denominator(const TaskPass<acc_t>& task, int64_t rows) {
+  const int64_t count = rows * task.width;
+  int64_t present = 0;
+  for (int64_t i = 0; i < count; ++i) {
+    present += std::isnan(task.dense_targets[i]) ? 0 : 1;
+  }
+  return static_cast<double>(present);
+}
+
+// The (S,) column weights, contiguous; all ones without col_weight, so the inner loops need no branch on it.
+template <typename acc_t>
+at::Tensor column_weights_or_ones(const c10::optional<at::Tensor>& col_weight, int64_t columns) {
+  if (col_weight.has_value()) {
+    return col_weight->contiguous();
+  }
+  return at::ones({columns}, at::TensorOptions().dtype(c10::CppTypeToScalarType<acc_t>::value));
+}
+
+// The whole batch's task description: per-task passes with their gradient scales, the column weights, and the
+// contiguous targets they point into.
+template <typename acc_t>
+class LossProblem {
+ public:
+  LossProblem(const TaskTable& table, at::TensorList targets, const c10::optional<at::Tensor>& col_weight)
+      : columns_(table.columns),
+        col_weight_storage_(column_weights_or_ones<acc_t>(col_weight, table.columns)),
+        col_weight_(col_weight_storage_.const_data_ptr<acc_t>()) {
+    const int64_t T = table.num_tasks();
+    tasks_.resize(T);
+    target_storage_.resize(T);
+    denominators_.assign(T, 0.0);
+    for (int64_t t = 0; t < T; ++t) {
+      TaskPass<acc_t>& task = tasks_[t];
+      task.kind = table.kinds[t];
+      task.begin = table.col_offsets[t];
+      task.width = table.width(t);
+      task.ignore_index = table.ignore_index[t];
+      task.param = static_cast<acc_t>(table.params[t]);
+      if (task.kind == kNone) {
+        continue;
+      }
+      target_storage_[t] = targets[t].contiguous();
+      const acc_t* class_weights = col_weight_ + task.begin;
+      if (task.kind == kCrossEntropy) {
+        task.class_targets = target_storage_[t].const_data_ptr<int64_t>();
+        max_class_width_ = std::max(max_class_width_, task.width);
+        for (int64_t c = 0; c < task.width; ++c) {
+          task.sum_class_weights += class_weights[c];
+        }
+        denominators_[t] = cross_entropy_denominator(task, table.rows, class_weights);
+      } else {
+        task.dense_targets = target_storage_[t].const_data_ptr<acc_t>();
+        denominators_[t] = dense_denominator(task, table.rows);
+      }
+      task.grad_scale = static_cast<acc_t>(safe_reciprocal(denominators_[t]));
+    }
+  }
+
+  const std::vector<TaskPass<acc_t>>& tasks() const { return tasks_; }
+  int64_t num_tasks() const { return static_cast<int64_t>(tasks_.size()); }
+  int64_t columns() const { return columns_; }
+  const acc_t* col_weight() const { return col_weight_; }
+  int64_t max_class_width() const { return max_class_width_; }
+
+  // losses[t] = Σ loss / denominator, 0 for a task without valid entries.
+  at::Tensor mean_losses(const std::vector<double>& loss_sums, const at::TensorOptions& options) const {
+    at::Tensor losses = at::empty({num_tasks()}, options);
+    acc_t* out = losses.data_ptr<acc_t>();
+    for (int64_t t = 0; t < num_tasks(); ++t) {
+      out[t] = static_cast<acc_t>(loss_sums[t] * safe_reciprocal(denominators_[t]));
+    }
+    return losses;
+  }
+
+ private:
+  int64_t columns_;
+  at::Tensor col_weight_storage_;
+  const acc_t* col_weight_;  // (S,), never null
+  std::vector<TaskPass<acc_t>> tasks_;
+  std::vector<double> denominators_;
+  std::vector<at::Tensor> target_storage_;
+  int64_t max_class_width_ = 0;
+};
+
+// Cross-entropy rows of one task: row statistics (max, Σexp, z_y, Σ b_c z_c) here, formulas from loss_math.h.
+// exp_scratch (≥ width) keeps exp(z - max) between the normalising sum and the gradient.
+template <typename scalar_t, typename acc_t>
+double cross_entropy_rows(scalar_t* logits, int64_t row_stride, int64_t rows, int64_t first_row,
+                          const TaskPass<acc_t>& task, const acc_t* col_weight, acc_t* exp_scratch) {
+  const int64_t num_classes = task.width;
+  const acc_t* class_weights = col_weight + task.begin;
+  const acc_t smoothing = task.param;
+  const acc_t smoothing_per_class = smoothing / static_cast<acc_t>(num_classes);  // b_c = this · w_c
+  double loss_sum = 0.0;
+  for (int64_t i = 0; i < rows; ++i) {
+    scalar_t* z = logits + i * row_stride + task.begin;
+    const int64_t target = task.class_targets[first_row + i];
+    if (target == task.ignore_index) {
+      std::fill(z, z + num_classes, scalar_t(0));
+      continue;
+    }
+    acc_t max_logit = -std::numeric_limits<acc_t>::infinity();
+#pragma omp simd reduction(max : max_logit)
+    for (int64_t c = 0; c < num_classes; ++c) {
+      max_logit = std::max(max_logit, static_cast<acc_t>(z[c]));
+    }
+    acc_t smoothing_dot_logits = 0;
+    if (smoothing > acc_t(0)) {
+#pragma omp simd reduction(+ : smoothing_dot_logits)
+      for (int64_t c = 0; c < num_classes; ++c) {
+        smoothing_dot_logits += smoothing_per_class * class_weights[c] * static_cast<acc_t>(z[c]);
+      }
+    }
+    // The exp calls stay scalar; summing in a separate loop keeps the sum's dependency chain out of them.
+    for (int64_t c = 0; c < num_classes; ++c) {
+      exp_scratch[c] = std::exp(static_cast<acc_t>(z[c]) - max_logit);
+    }
+    acc_t sum_exp = 0;
+#pragma omp simd reduction(+ : sum_exp)
+    for (int64_t c = 0; c < num_classes; ++c) {
+      sum_exp += exp_scratch[c];
+    }
+    const acc_t log_sum_exp = max_logit + std::log(sum_exp);
+    const CrossEntropyRow<acc_t> row =
+        cross_entropy_row(smoothing, class_weights[target], task.sum_class_weights, num_classes);
+    loss_sum += cross_entropy_row_loss(row, log_sum_exp, static_cast<acc_t>(z[target]), smoothing_dot_logits);
+
+    // Every class as a non-target first (a branch-free, vectorisable loop), then the target's entry.
+    const acc_t inv_sum_exp = acc_t(1) / sum_exp;
+    const acc_t grad_scale = task.grad_scale;
+    auto class_grad = [&](int64_t c, bool is_target) {
+      const acc_t smoothing_weight = smoothing_per_class * class_weights[c];
+      return grad_scale * cross_entropy_grad(row, exp_scratch[c] * inv_sum_exp, is_target, smoothing_weight);
+    };
+#pragma omp simd
+    for (int64_t c = 0; c < num_classes; ++c) {
+      z[c] = static_cast<scalar_t>(class_grad(c, /*is_target=*/false));
+    }
+    z[target] = static_cast<scalar_t>(class_grad(target, /*is_target=*/true));
+  }
+  return loss_sum;
+}
+
+// Element-wise kinds; kKind is a template argument so elementwise_loss's switch folds away in the inner loop.
+template <int64_t kKind, typename scalar_t, typename acc_t>
+double dense_rows(scalar_t* logits, int64_t row_stride, int64_t rows, int64_t first_row, const TaskPass<acc_t>& task,
+                  const acc_t* col_weight) {
+  const int64_t width = task.width;
+  const acc_t* pos_weights = col_weight + task.begin;
+  const acc_t grad_scale = task.grad_scale;
+  double loss_sum = 0.0;
+  for (int64_t i = 0; i < rows; ++i) {
+    scalar_t* z = logits + i * row_stride + task.begin;
+    const acc_t* y = task.dense_targets + (first_row + i) * width;
+    for (int64_t c = 0; c < width; ++c) {
+      const acc_t target = y[c];
+      if (std::isnan(target)) {  // missing label
+        z[c] = scalar_t(0);
+        continue;
+      }
+      // BCE's parameter is the column's pos_weight; Huber's is the task's delta; MSE / L1 ignore it.
+      const acc_t param = kKind == kBCE ? pos_weights[c] : task.param;
+      const LossAndGrad<acc_t> r = elementwise_loss<acc_t>(kKind, static_cast<acc_t>(z[c]), target, param);
+      loss_sum += static_cast<double>(r.loss);
+      z[c] = static_cast<scalar_t>(grad_scale * r.grad);
+    }
+  }
+  return loss_sum;
+}
+
+template <typename scalar_t>
+void zero_rows(scalar_t* logits, int64_t row_stride, int64_t rows, int64_t begin, int64_t width) {
+  for (int64_t i = 0; i < rows; ++i) {
+    std::fill_n(logits + i * row_stride + begin, width, scalar_t(0));
+  }
+}
+
+// One task over a block of rows: returns the block's loss sum and leaves the scaled gradient in the logits.
+template <typename scalar_t, typename acc_t>
+double task_rows(scalar_t* logits, int64_t row_stride, int64_t rows, int64_t first_row, const TaskPass<acc_t>& task,
+                 const acc_t* col_weight, acc_t* exp_scratch) {
+  switch (task.kind) {
+    case kCrossEntropy:
+      return cross_entropy_rows(logits, row_stride, rows, first_row, task, col_weight, exp_scratch);
+    case kBCE:
+      return dense_rows<kBCE>(logits, row_stride, rows, first_row, task, col_weight);
+    case kMSE:
+      return dense_rows<kMSE>(logits, row_stride, rows, first_row, task, col_weight);
+    case kL1:
+      return dense_rows<kL1>(logits, row_stride, rows, first_row, task, col_weight);
+    case kHuber:
+      return dense_rows<kHuber>(logits, row_stride, rows, first_row, task, col_weight);
+    default:  // kNone (kDistill is rejected before any work): absent task, zero gradient
+      zero_rows(logits, row_stride, rows, task.begin, task.width);
+      return 0.0;
+  }
+}
+
+// The shared loss pass. logits: (rows, S) row-major holding rows [first_row, first_row + rows) of the batch;
+// overwritten with the scaled logit gradient. Adds each task's loss sum to loss_sums (T entries).
+// Per-block partial sums reduced in block order make the result independent of the thread count.
+template <typename scalar_t, typename acc_t>
+void accumulate_loss_and_grad(scalar_t* logits, int64_t rows, int64_t first_row, const LossProblem<acc_t>& problem,
+                              std::vector<double>& loss_sums) {
+  const int64_t S = problem.columns();
+  const int64_t T = problem.num_tasks();
+  const int64_t block_rows = std::clamp<int64_t>(kBlockElements / S, 1, kMaxBlockRows);
+  const int64_t num_blocks = (rows + block_rows - 1) / block_rows;
+  const int64_t grain_blocks = std::max<int64_t>(1, kMinElementsPerThread / (block_rows * S));
+  std::vector<double> block_sums(num_blocks * T, 0.0);
+
+  at::parallel_for(0, num_blocks, grain_blocks, [&](int64_t block_begin, int64_t block_end) {
+    std::vector<acc_t> exp_scratch(problem.max_class_width());
+    for (int64_t block = block_begin; block < block_end; ++block) {
+      const int64_t row = block * block_rows;
+      const int64_t count = std::min(block_rows, rows - row);
+      for (int64_t t = 0; t < T; ++t) {
+        block_sums[block * T + t] = task_rows(logits + row * S, S, count, first_row + row, problem.tasks()[t],
+                                              problem.col_weight(), exp_scratch.data());
+      }
+    }
+  });
+  for (int64_t block = 0; block < num_blocks; ++block) {
+    for (int64_t t = 0; t < T; ++t) {
+      loss_sums[t] += block_sums[block * T + t];
+    }
+  }
+}
+
+void reject_unimplemented_kinds(const TaskTable& table) {
+  for (int64_t t = 0; t < table.num_tasks(); ++t) {
+    TORCH_CHECK_NOT_IMPLEMENTED(table.kinds[t] != kDistill, table.describe(t),
+                                ": distillation is not implemented yet in the CPU kernel");
+  }
+}
+
+// Validation shared by both ops, before any kernel runs.
+TaskTable check_cpu_inputs(const at::Tensor& h, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+                           at::TensorList targets, const c10::optional<at::Tensor>& col_weight,
+                           const at::Tensor& col_task, c10::IntArrayRef kinds, c10::IntArrayRef col_offsets,
+                           c10::IntArrayRef ignore_index, c10::ArrayRef<double> params,
+                           const std::vector<std::string>& task_names) {
+  TaskTable table = check_multi_task_inputs(h, weight, bias, targets, col_weight, col_task, kinds, col_offsets,
+                                            ignore_index, params, task_names);
+  check_class_targets_in_range_cpu(table, targets);
+  reject_unimplemented_kinds(table);
+  return table;
+}
+
+// (N, S) logits in a fresh contiguous tensor, which the loss pass then overwrites with their gradient.
+at::Tensor head_logits(const at::Tensor& h, const at::Tensor& weight, const c10::optional<at::Tensor>& bias) {
+  return bias.has_value() ? at::addmm(*bias, h, weight.t()) : at::mm(h, weight.t());
+}
+
+// h @ weight^T (+ bias) into a preallocated (rows, S) buffer.
+void linear_into(at::Tensor& out, const at::Tensor& h, const at::Tensor& weight,
+                 const c10::optional<at::Tensor>& bias) {
+  if (bias.has_value()) {
+    at::addmm_out(out, *bias, h, weight.t());
+  } else {
+    at::mm_out(out, h, weight.t());
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> multi_task_loss_cpu(
+    const at::Tensor& h, const at::Tensor& weight, const c10::optional<at::Tensor>& bias, at::TensorList targets,
+    const c10::optional<at::Tensor>& col_weight, const at::Tensor& col_task, c10::IntArrayRef kinds,
+    c10::IntArrayRef col_offsets, c10::IntArrayRef ignore_index, c10::ArrayRef<double> params,
+    const std::vector<std::string>& task_names, bool return_logits) {
+  // The ATen calls below are implementation steps: never recorded by autograd (the op's own formula is
+  // registered in mtlfast/ops.py), and the out= GEMMs of the chunked op refuse inputs that require grad.
+  at::NoGradGuard no_grad;
+  const TaskTable table = check_cpu_inputs(h, weight, bias, targets, col_weight, col_task, kinds, col_offsets,
+                                           ignore_index, params, task_names);
+  const at::ScalarType acc_dtype = accumulation_dtype(h.scalar_type());
+  at::Tensor grad_logits = head_logits(h, weight, bias);
+  // The loss pass overwrites the logits with their gradient: keep a copy only when asked for.
+  const at::Tensor logits = return_logits ? grad_logits.clone() : at::empty({0}, h.options());
+
+  at::Tensor losses;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, h.scalar_type(), "mtlfast::multi_task_loss (CPU)", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const LossProblem<acc_t> problem(table, targets, col_weight);
+    std::vector<double> loss_sums(table.num_tasks(), 0.0);
+    accumulate_loss_and_grad(grad_logits.data_ptr<scalar_t>(), table.rows, /*first_row=*/0, problem, loss_sums);
+    losses = problem.mean_losses(loss_sums, h.options().dtype(acc_dtype));
+  });
+  return {losses, grad_logits, logits};
+}
+
+// The unscaled gradients the chunked op returns, in the accumulation dtype.
+struct ChunkedGradients {
+  at::Tensor input_per_task;  // (T, N, D)
+  at::Tensor weight;          // (S, D)
+  at::Tensor bias;            // (S,), or empty without bias
+};
+
+// Adds one chunk's share to the gradients: grad_chunk (rows, S) holds the scaled logit gradient of batch rows
+// [first_row, first_row + rows); h_chunk and weight are in the accumulation dtype.
+template <typename acc_t>
+void accumulate_chunk_gradients(ChunkedGradients& grads, const at::Tensor& grad_chunk, const at::Tensor& h_chunk,
+                                const at::Tensor& weight, const LossProblem<acc_t>& problem, int64_t first_row) {
+  grads.weight.addmm_(grad_chunk.t(), h_chunk);
+  if (grads.bias.numel() > 0) {
+    grads.bias.add_(grad_chunk.sum(0));
+  }
+  for (int64_t t = 0; t < problem.num_tasks(); ++t) {
+    const TaskPass<acc_t>& task = problem.tasks()[t];
+    at::Tensor input_rows = grads.input_per_task.select(0, t).narrow(0, first_row, grad_chunk.size(0));
+    if (task.grad_scale == acc_t(0)) {  // absent task or no valid entry: its gradient is 0
+      input_rows.zero_();
+    } else {
+      at::mm_out(input_rows, grad_chunk.narrow(1, task.begin, task.width), weight.narrow(0, task.begin, task.width));
+    }
+  }
+}
+
+// Per chunk of rows: the logits in h's dtype (as in the unchunked op), then the loss pass and the gradient GEMMs
+// in the accumulation dtype (fp32 for bf16 / fp16: exact accumulation across chunks, and faster than half GEMMs
+// on CPUs without half-precision matrix units).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> multi_task_loss_chunked_cpu(
+    const at::Tensor& h, const at::Tensor& weight, const c10::optional<at::Tensor>& bias, at::TensorList targets,
+    const c10::optional<at::Tensor>& col_weight, const at::Tensor& col_task, c10::IntArrayRef kinds,
+    c10::IntArrayRef col_offsets, c10::IntArrayRef ignore_index, c10::ArrayRef<double> params,
+    const std::vector<std::string>& task_names, int64_t chunk_rows) {
+  at::NoGradGuard no_grad;  // as in multi_task_loss_cpu
+  const TaskTable table = check_cpu_inputs(h, weight, bias, targets, col_weight, col_task, kinds, col_offsets,
+                                           ignore_index, params, task_names);
+  TORCH_CHECK_VALUE(chunk_rows > 0, "mtlfast: chunk_rows must be positive, got ", chunk_rows);
+  const int64_t N = table.rows;
+  const int64_t S = table.columns;
+  const int64_t chunk = std::min(chunk_rows, N);
+  const at::ScalarType acc_dtype = accumulation_dtype(h.scalar_type());
+  const at::TensorOptions acc_options = h.options().dtype(acc_dtype);
+  const bool half_input = acc_dtype != h.scalar_type();
+
+  ChunkedGradients grads{at::empty({table.num_tasks(), N, table.features}, acc_options),
+                         at::zeros({S, table.features}, acc_options),
+                         bias.has_value() ? at::zeros({S}, acc_options) : at::empty({0}, acc_options)};
+  const at::Tensor weight_acc = weight.to(acc_dtype);
+  // Reused by every chunk. For fp32 / fp64 the loss pass overwrites the logits buffer itself.
+  at::Tensor logits_buffer = at::empty({chunk, S}, h.options());
+  at::Tensor grad_buffer = half_input ? at::empty({chunk, S}, acc_options) : logits_buffer;
+  at::Tensor losses;
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, h.scalar_type(), "mtlfast::multi_task_loss_chunked (CPU)",
+                                  [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const LossProblem<acc_t> problem(table, targets, col_weight);
+    std::vector<double> loss_sums(table.num_tasks(), 0.0);
+    for (int64_t first_row = 0; first_row < N; first_row += chunk) {
+      const int64_t rows = std::min(chunk, N - first_row);
+      const at::Tensor h_chunk = h.narrow(0, first_row, rows);
+      at::Tensor chunk_logits = logits_buffer.narrow(0, 0, rows);
+      linear_into(chunk_logits, h_chunk, weight, bias);
+      at::Tensor grad_chunk = grad_buffer.narrow(0, 0, rows);
+      if (half_input) {
+        grad_chunk.copy_(chunk_logits);
+      }
+      accumulate_loss_and_grad(grad_chunk.data_ptr<acc_t>(), rows, first_row, problem, loss_sums);
+      accumulate_chunk_gradients(grads, grad_chunk, h_chunk.to(acc_dtype), weight_acc, problem, first_row);
+    }
+    losses = problem.mean_losses(loss_sums, acc_options);
+  });
+  return {losses, grads.input_per_task, grads.weight, grads.bias};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(mtlfast, CPU, m) {
+  m.impl("multi_task_loss", &multi_task_loss_cpu);
+  m.impl("multi_task_loss_chunked", &multi_task_loss_chunked_cpu);
+}
+
+}  // namespace mtlfast
