@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# On a lent GPU machine (device tool): build from source against the machine's torch, run the whole test suite
+# and the CUDA benchmarks. Everything lands in $OUT (or ./gpu-results): build log, info, pytest log, CSVs.
+#   scripts/gpu_validate.sh [--quick]
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT="${OUT:-$PWD/gpu-results}"
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 CUDA_HOME="${CUDA_HOME:-/usr/local/cuda}" TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" MTLFAST_CUDA=ON
+PY="${PYTHON:-python3}"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
+"$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)" | tee -a "$OUT/gpu.txt"
+
+start=$(date +%s)
+if ! "$PY" -m pip install --no-build-isolation --no-deps --no-index -e . >"$OUT/build.log" 2>&1; then
+  echo "BUILD FAILED"; tail -n 60 "$OUT/build.log"; exit 1
+fi
+echo "build: $(( $(date +%s) - start )) s"
+"$PY" -m mtlfast info | tee "$OUT/info.txt"
+
+# Time-boxed stages, rarest evidence first, so one slow stage cannot eat the lease: the CUDA tests, the CUDA
+# benchmarks one config at a time (each appends its CSV rows), then the rest of the suite.
+timeout "${CUDA_TEST_TIMEOUT:-120}" "$PY" -m pytest tests/test_cuda.py -q -p no:cacheprovider 2>&1 | tee "$OUT/pytest_cuda.txt" | tail -n 15
+for dtype in ${BENCH_DTYPES:-bfloat16 float32}; do
+  for config in S1 S2 S3 S4 S5; do
+    timeout "${BENCH_TIMEOUT:-90}" "$PY" -m mtlfast bench --device cuda --dtype "$dtype" --configs "$config" \
+      --csv "$OUT/op_cuda.csv" 2>&1 | tee -a "$OUT/bench_$dtype.txt" | grep -E "^\|" | tail -n 3
+  done
+done
+timeout "${TEST_TIMEOUT:-300}" "$PY" -m pytest tests -q -p no:cacheprovider --ignore=tests/test_cuda.py -n 8 2>&1 \
+  | tee "$OUT/pytest.txt" | tail -n 15
