@@ -259,7 +259,7 @@ def build_gemm_only(p: Problem) -> Step:
     weighted_sum(p.tasks, logits.split([task.num_outputs for task in p.tasks], dim=-1), p.targets).backward()
     grad_logits = logits.grad
     del logits
-    # Rows padded with zeros to a multiple of 8: unaligned leading dimensions (S = 32007 in S5) cost bf16 GEMMs
+    # Rows padded with zeros to a multiple of 8: unaligned leading dimensions (S = 32006 in S5) cost bf16 GEMMs
     # several times on GPU, and a lower bound should not include that.
     padding = -rows % 8
     if padding:
