@@ -29,18 +29,16 @@ def _info(_: argparse.Namespace) -> int:
     return 0
 
 
-def _bench(args: argparse.Namespace) -> int:
-    command = [sys.executable, "-m", "benchmarks.bench_op", *args.rest]
-    return subprocess.call(command)
-
-
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["bench"]:
+        # Everything after "bench" belongs to the benchmark's own parser (argparse.REMAINDER would refuse a
+        # leading "--device").
+        return subprocess.call([sys.executable, "-m", "benchmarks.bench_op", *argv[1:]])
     parser = argparse.ArgumentParser(prog="mtlfast", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("info", help="which backend runs the fused op, and why").set_defaults(run=_info)
-    bench = commands.add_parser("bench", help="run the op benchmark (benchmarks/bench_op.py; args pass through)")
-    bench.add_argument("rest", nargs=argparse.REMAINDER)
-    bench.set_defaults(run=_bench)
+    commands.add_parser("bench", help="run the op benchmark (benchmarks/bench_op.py; arguments pass through)")
     args = parser.parse_args(argv)
     return args.run(args)
 

@@ -11,14 +11,17 @@ from typing import NamedTuple
 
 import torch
 
-from mtlfast import ops as _ops_module  # noqa: F401  (registers fake kernels and autograd)
+from mtlfast import ops as _fused
 from mtlfast._layout import TaskLayout, accumulation_dtype
 from mtlfast.tasks import LossKind, Task
 
 _ops = torch.ops.mtlfast
 
-# Heads whose N×S logits would exceed this many elements are processed in row chunks (see DESIGN.md §2 Memory).
-CHUNK_ELEMENTS = 1 << 23
+# Heads whose N×S logits would exceed CHUNK_ELEMENTS are processed in row chunks of about that many logits
+# (see DESIGN.md §2 Memory), but never fewer than MIN_CHUNK_ROWS rows: each chunk re-reads the (S, D) weight and
+# its gradient, so short chunks turn a large head into many passes over its parameters.
+CHUNK_ELEMENTS = 1 << 24
+MIN_CHUNK_ROWS = 512
 
 
 class MultiTaskLossOutput(NamedTuple):
@@ -62,6 +65,36 @@ def _normalise_target(task: Task, target: torch.Tensor, batch_shape: torch.Size,
     return target.reshape(rows, task.num_outputs).to(accumulation_dtype(h.dtype)).contiguous()
 
 
+def _flatten_targets(
+    layout: TaskLayout, given: Sequence[torch.Tensor | None], batch_shape: torch.Size, h: torch.Tensor
+) -> list[torch.Tensor]:
+    """Every task's target in the kernel layout: (N,) int64 or (N, C) accumulation dtype; empty when absent.
+
+    The common case (right shape, dtype and device) costs one view per task; anything else goes through
+    :func:`_normalise_target`, which converts or raises an error naming the task.
+    """
+    rows = batch_shape.numel()
+    acc = accumulation_dtype(h.dtype)
+    device = h.device
+    flat = []
+    for task, target in zip(layout.tasks, given):
+        if target is None:
+            flat.append(h.new_empty(0))
+            continue
+        index = task.target_is_index
+        trailing = () if index or not task.target_has_class_dim else (task.num_outputs,)
+        if (
+            isinstance(target, torch.Tensor)
+            and target.dtype == (torch.int64 if index else acc)
+            and target.shape == batch_shape + trailing
+            and target.device == device
+        ):
+            flat.append(target.reshape(rows) if index else target.reshape(rows, task.num_outputs))
+        else:
+            flat.append(_normalise_target(task, target, batch_shape, h))
+    return flat
+
+
 def _gather_targets(layout: TaskLayout, targets: Targets) -> list[torch.Tensor | None]:
     if isinstance(targets, Mapping):
         unknown = sorted(set(targets) - set(layout.names))
@@ -89,7 +122,7 @@ def _resolve_chunk_rows(chunk_rows: int | str | None, rows: int, columns: int, f
     if chunk_rows == "auto":
         if rows * columns <= CHUNK_ELEMENTS or columns <= features:
             return 0
-        return max(1, CHUNK_ELEMENTS // (4 * columns))
+        return max(MIN_CHUNK_ROWS, CHUNK_ELEMENTS // columns)
     return int(chunk_rows)
 
 
@@ -144,10 +177,7 @@ def multi_task_loss(
     present = [t is not None for t in given]
     if not any(present):
         raise ValueError(f"mtlfast: no targets given for any task of {list(layout.names)}")
-    flat_targets = [
-        _normalise_target(task, target, batch_shape, h) if target is not None else h.new_empty(0)
-        for task, target in zip(layout.tasks, given)
-    ]
+    flat_targets = _flatten_targets(layout, given, batch_shape, h)
     kinds = layout.kinds_present(present) if not all(present) else layout.kinds
     h2 = h.reshape(-1, h.shape[-1])
     acc = accumulation_dtype(h.dtype)
@@ -161,13 +191,13 @@ def multi_task_loss(
     logits = input_grads = None
     chunk = _resolve_chunk_rows(chunk_rows, h2.shape[0], layout.num_columns, h2.shape[1], return_logits)
     if chunk > 0:
-        losses, grad_h_per_task, _, _ = _ops.multi_task_loss_chunked(
+        losses, grad_h_per_task, _, _ = _fused.multi_task_loss_chunked(
             h2, weight, bias, flat_targets, col_weight, col_task, *common, chunk
         )
         if per_task_input_grads:
             input_grads = grad_h_per_task.detach().view(layout.num_tasks, *batch_shape, h.shape[-1])
     else:
-        losses, grad_logits, packed_logits = _ops.multi_task_loss(
+        losses, grad_logits, packed_logits = _fused.multi_task_loss(
             h2, weight, bias, flat_targets, col_weight, col_task, *common, return_logits
         )
         if return_logits:

@@ -32,7 +32,8 @@ def _seed_and_restore():
 
 
 class OpSpy:
-    """Wraps ``torch.ops.mtlfast`` inside mtlfast.functional and records which fused op ran with which chunk."""
+    """Wraps the fused-op entry points used by mtlfast.functional (``mtlfast.ops``) and records which one ran with
+    which arguments."""
 
     def __init__(self, real):
         self._real = real
@@ -54,7 +55,7 @@ class OpSpy:
 
 @pytest.fixture
 def op_spy(monkeypatch) -> OpSpy:
-    spy = OpSpy(torch.ops.mtlfast)
-    monkeypatch.setattr(mtlfast.functional, "_ops", spy)
+    spy = OpSpy(mtlfast.ops)
+    monkeypatch.setattr(mtlfast.functional, "_fused", spy)
     return spy
 

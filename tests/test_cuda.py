@@ -136,6 +136,7 @@ def test_return_logits_on_cuda(chunk_rows):
 
 def test_big_head_auto_chunks_on_cuda(monkeypatch):
     monkeypatch.setattr(mf.functional, "CHUNK_ELEMENTS", 4096)
+    monkeypatch.setattr(mf.functional, "MIN_CHUNK_ROWS", 1)
     tasks = [mf.Classification("vocab", num_classes=300, label_smoothing=0.1), mf.Binary("b")]
     case = make_case(10, tasks, batch_shape=(64,), features=16)
     assert_results_close(fused_result(case, device=DEVICE, chunk_rows="auto"), reference_result(case))

@@ -209,6 +209,7 @@ def _big_head_case(seed=21):
 @pytest.mark.parametrize("via", VIAS)
 def test_auto_chunks_a_big_head(via, op_spy, monkeypatch):
     monkeypatch.setattr(mtlfast.functional, "CHUNK_ELEMENTS", 1024)
+    monkeypatch.setattr(mtlfast.functional, "MIN_CHUNK_ROWS", 1)
     case = _big_head_case()
     actual = fused_result(case, via=via, chunk_rows="auto")
     assert op_spy.names == ["multi_task_loss_chunked"]
@@ -219,6 +220,7 @@ def test_auto_chunks_a_big_head(via, op_spy, monkeypatch):
 
 def test_auto_keeps_small_heads_unchunked(op_spy, monkeypatch):
     monkeypatch.setattr(mtlfast.functional, "CHUNK_ELEMENTS", 1024)
+    monkeypatch.setattr(mtlfast.functional, "MIN_CHUNK_ROWS", 1)
     # N·S is large but S <= D: chunking would not save memory.
     tasks = [mf.Classification("c", num_classes=3), mf.Binary("b")]
     case = make_case(4, tasks, batch_shape=(600,), features=8)
@@ -229,6 +231,7 @@ def test_auto_keeps_small_heads_unchunked(op_spy, monkeypatch):
 
 def test_chunk_rows_none_never_chunks(op_spy, monkeypatch):
     monkeypatch.setattr(mtlfast.functional, "CHUNK_ELEMENTS", 16)
+    monkeypatch.setattr(mtlfast.functional, "MIN_CHUNK_ROWS", 1)
     case = _big_head_case(22)
     actual = fused_result(case, chunk_rows=None)
     assert op_spy.names == ["multi_task_loss"]
