@@ -148,8 +148,23 @@ class _MultiTaskLossChunked(torch.autograd.Function):
         return output
 
     @staticmethod
-    def backward(ctx, *grads):
-        return (*_backward_chunked(ctx, *grads)[:3], *(None,) * 9)
+    def backward(ctx, grad_losses, *_unused):
+        # The saved weight gradient is rescaled in place instead of copied: for a 32k-class head that is the
+        # largest tensor of the step. The saved tensors are therefore used up by one backward.
+        if getattr(ctx, "used_up", False):
+            raise RuntimeError(
+                "mtlfast: the chunked large-head path rescales its saved gradients in place, so it supports one "
+                "backward per forward (no retain_graph); pass chunk_rows=None to keep them"
+            )
+        ctx.used_up = True
+        grad_h_per_task, grad_weight, grad_bias, col_task = ctx.saved_tensors
+        T, N, D = grad_h_per_task.shape
+        c = grad_losses.to(grad_h_per_task.dtype)
+        grad_h = (c.view(1, T) @ grad_h_per_task.view(T, N * D)).view(N, D).to(ctx.h_dtype)
+        coeff = c.index_select(0, col_task)
+        grad_w = grad_weight.mul_(coeff.unsqueeze(1)).to(ctx.h_dtype)
+        grad_b = grad_bias.mul_(coeff).to(ctx.h_dtype) if ctx.has_bias else None
+        return grad_h, grad_w, grad_b, *(None,) * 9
 
 
 def multi_task_loss(*args):
