@@ -1,0 +1,186 @@
+// AVX2 kernels of the CPU loss pass: vector twins of mtlfast/loss_math.h's formulas (declared and specified in
+// vectorized_losses.h).
+//
+// On x86-64 this TU alone is compiled with -mavx2 -mfma and ATen's CPU_CAPABILITY=AVX2 (CMakeLists.txt), so
+// at::vec::Vectorized is its AVX2 implementation, with SLEEF's exp / log / log1p. (Built with the default flags it
+// would be the generic one, whose exp / log are scalar libm calls in a loop: no faster than the scalar path.)
+// The loss pass calls these kernels only when the CPU runs AVX2, so the module loads and runs on any CPU. For
+// that, nothing here may be an out-of-line copy of an inline function that other TUs use too (the linker would
+// keep one copy for the whole module, maybe this AVX2 one; ATen's vec headers put their code in the namespace
+// at::vec::AVX2 for this reason): this TU includes no mtlfast header but its own and calls no loss_math.h
+// function. Hence also the masked partial vector at the end of each array instead of a scalar tail loop over
+// the loss_math.h formulas.
+//
+// -ffp-contract=off (CMakeLists.txt) keeps a*b + c two roundings, as in the scalar path (built without FMA), so
+// the results differ from it only by SLEEF's exp / log / log1p (≤ 1 ulp) against glibc's, and by the order of
+// the loss sums.
+#include "vectorized_losses.h"
+
+#include <ATen/cpu/vec/vec.h>
+
+#include <algorithm>
+#include <array>
+#include <limits>
+
+namespace mtlfast::vectorized {
+namespace {
+
+using at::vec::Vectorized;
+
+// Σ of per-lane losses in double, as the scalar path adds every loss to a double.
+template <typename acc_t>
+class LossSum;
+
+template <>
+class LossSum<double> {
+ public:
+  void add(const Vectorized<double>& loss) { sum_ += loss; }
+  double total() const { return lane_total(sum_); }
+
+  // Lanes in order: the result depends on the array only, not on the thread that runs it.
+  static double lane_total(const Vectorized<double>& v) {
+    std::array<double, Vectorized<double>::size()> lanes;
+    v.store(lanes.data());
+    double total = 0.0;
+    for (const double lane : lanes) {
+      total += lane;
+    }
+    return total;
+  }
+
+ private:
+  Vectorized<double> sum_{0.0};
+};
+
+template <>
+class LossSum<float> {
+ public:
+  void add(const Vectorized<float>& loss) {
+    const auto wide = at::vec::convert<double, 2, float, 1>(at::vec::VectorizedN<float, 1>(loss));
+    low_ += wide[0];
+    high_ += wide[1];
+  }
+  double total() const { return LossSum<double>::lane_total(low_ + high_); }
+
+ private:
+  Vectorized<double> low_{0.0};
+  Vectorized<double> high_{0.0};
+};
+
+// Runs step(i, count) over [0, n) in vectors: count = the vector size, then what is left (a masked tail).
+template <typename acc_t, typename Step>
+void for_each_vector(int64_t n, const Step& step) {
+  constexpr int64_t kSize = Vectorized<acc_t>::size();
+  int64_t i = 0;
+  for (; i + kSize <= n; i += kSize) {
+    step(i, kSize);
+  }
+  if (i < n) {
+    step(i, n - i);
+  }
+}
+
+}  // namespace
+
+// Mirrors bce_with_logits (loss_math.h): e = exp(-|z|) and log1p(e) shared by softplus(±z) and sigmoid(z).
+template <typename acc_t>
+double bce_with_logits(acc_t* z, const acc_t* y, const acc_t* pos_weight, int64_t pos_weight_stride,
+                       acc_t grad_scale, int64_t n) {
+  using Vec = Vectorized<acc_t>;
+  const Vec zero(0), one(1), scale(grad_scale);
+  const Vec missing(std::numeric_limits<acc_t>::quiet_NaN());
+  LossSum<acc_t> loss_sum;
+  for_each_vector<acc_t>(n, [&](int64_t i, int64_t count) {
+    const Vec zi = Vec::loadu(z + i, count);
+    // Lanes past the end read as missing targets, so they add nothing.
+    const Vec yi = Vec::set(missing, Vec::loadu(y + i, count), count);
+    const Vec pw = pos_weight_stride == 0 ? Vec(pos_weight[0]) : Vec::loadu(pos_weight + i, count);
+    const Vec e = zi.abs().neg().exp();
+    const Vec log1p_e = e.log1p();
+    const Vec softplus_z = Vec::blendv(zero, zi, zi > zero) + log1p_e;
+    const Vec softplus_minus_z = Vec::blendv(zero, zi.neg(), zi < zero) + log1p_e;
+    const Vec s = Vec::blendv(e, one, zi >= zero) / (one + e);  // sigmoid(z)
+    const Vec loss = pw * yi * softplus_minus_z + (one - yi) * softplus_z;
+    const Vec grad = (one - yi) * s - pw * yi * (one - s);
+    const Vec present = yi == yi;  // false for NaN
+    loss_sum.add(Vec::blendv(zero, loss, present));
+    Vec::blendv(zero, scale * grad, present).store(z + i, count);
+  });
+  return loss_sum.total();
+}
+
+// Mirrors cross_entropy_rows (multi_task_loss_cpu.cpp) for `Vec::size()` rows at a time: row statistics, then
+// cross_entropy_row_loss and cross_entropy_grad (loss_math.h).
+template <typename acc_t>
+double cross_entropy_class_major(acc_t* z, int64_t rows, int64_t num_classes, const acc_t* target, const acc_t* a,
+                                 acc_t B, const acc_t* b, acc_t grad_scale) {
+  using Vec = Vectorized<acc_t>;
+  const Vec zero(0), one(1), scale(grad_scale), B_vec(B);
+  LossSum<acc_t> loss_sum;
+  for_each_vector<acc_t>(rows, [&](int64_t i, int64_t count) {
+    // Lanes past the end read as ignored rows, so they add nothing.
+    const Vec y = Vec::set(Vec(-1), Vec::loadu(target + i, count), count);
+    const Vec a_vec = Vec::loadu(a + i, count);
+    Vec max_logit(-std::numeric_limits<acc_t>::infinity());
+    Vec target_logit = zero;
+    Vec smoothing_dot_logits = zero;  // Σ_c b_c z_c
+    for (int64_t c = 0; c < num_classes; ++c) {
+      const Vec zc = Vec::loadu(z + c * rows + i, count);
+      max_logit = at::vec::maximum(max_logit, zc);
+      target_logit = Vec::blendv(target_logit, zc, y == Vec(static_cast<acc_t>(c)));
+      smoothing_dot_logits += Vec(b[c]) * zc;
+    }
+    // exp(z - max) replaces the logits until the gradient pass.
+    Vec sum_exp = zero;
+    for (int64_t c = 0; c < num_classes; ++c) {
+      acc_t* zc = z + c * rows + i;
+      const Vec e = (Vec::loadu(zc, count) - max_logit).exp();
+      e.store(zc, count);
+      sum_exp += e;
+    }
+    const Vec log_sum_exp = max_logit + sum_exp.log();
+    const Vec a_plus_B = a_vec + B_vec;
+    const Vec valid = y >= zero;
+    const Vec loss = a_plus_B * log_sum_exp - a_vec * target_logit - smoothing_dot_logits;
+    loss_sum.add(Vec::blendv(zero, loss, valid));
+    const Vec inv_sum_exp = one / sum_exp;
+    for (int64_t c = 0; c < num_classes; ++c) {
+      acc_t* zc = z + c * rows + i;
+      const Vec prob = Vec::loadu(zc, count) * inv_sum_exp;
+      const Vec grad = a_plus_B * prob - Vec::blendv(zero, a_vec, y == Vec(static_cast<acc_t>(c))) - Vec(b[c]);
+      Vec::blendv(zero, scale * grad, valid).store(zc, count);
+    }
+  });
+  return loss_sum.total();
+}
+
+// Mirrors the exp and Σexp loops of cross_entropy_rows (multi_task_loss_cpu.cpp).
+template <typename acc_t>
+acc_t exp_shifted_sum(acc_t* x, acc_t shift, int64_t n) {
+  using Vec = Vectorized<acc_t>;
+  const Vec shift_vec(shift);
+  Vec sum(0);
+  for_each_vector<acc_t>(n, [&](int64_t i, int64_t count) {
+    const Vec e = (Vec::loadu(x + i, count) - shift_vec).exp();
+    e.store(x + i, count);
+    sum += Vec::set(Vec(0), e, count);  // lanes past the end hold exp(0 - shift)
+  });
+  std::array<acc_t, Vec::size()> lanes;
+  sum.store(lanes.data());
+  acc_t total = 0;
+  for (const acc_t lane : lanes) {
+    total += lane;
+  }
+  return total;
+}
+
+#define MTLFAST_INSTANTIATE(acc_t)                                                                              \
+  template double bce_with_logits<acc_t>(acc_t*, const acc_t*, const acc_t*, int64_t, acc_t, int64_t);         \
+  template double cross_entropy_class_major<acc_t>(acc_t*, int64_t, int64_t, const acc_t*, const acc_t*, acc_t, \
+                                                   const acc_t*, acc_t);                                        \
+  template acc_t exp_shifted_sum<acc_t>(acc_t*, acc_t, int64_t);
+MTLFAST_INSTANTIATE(float)
+MTLFAST_INSTANTIATE(double)
+#undef MTLFAST_INSTANTIATE
+
+}  // namespace mtlfast::vectorized
