@@ -123,6 +123,11 @@ torch.library.register_autograd("mtlfast::multi_task_loss_chunked", _backward_ch
 # apply the same setup and backward with the op called directly below autograd.
 
 
+# Chunked (large-head) backward in eager mode rescales the saved weight gradient in place when it has at least this
+# many elements (~64 MB in fp32): one backward per forward then (retain_graph raises a clear error).
+INPLACE_BACKWARD_MIN_ELEMENTS = 1 << 24
+
+
 def _below_autograd(op, args):
     with torch._C._AutoDispatchBelowAutograd():
         return op(*args)
@@ -149,15 +154,19 @@ class _MultiTaskLossChunked(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_losses, *_unused):
-        # The saved weight gradient is rescaled in place instead of copied: for a 32k-class head that is the
-        # largest tensor of the step. The saved tensors are therefore used up by one backward.
+        # Checked before unpacking: after an in-place rescale, unpacking would fail with autograd's generic
+        # "modified by an inplace operation" error instead of this one.
         if getattr(ctx, "used_up", False):
             raise RuntimeError(
                 "mtlfast: the chunked large-head path rescales its saved gradients in place, so it supports one "
                 "backward per forward (no retain_graph); pass chunk_rows=None to keep them"
             )
-        ctx.used_up = True
         grad_h_per_task, grad_weight, grad_bias, col_task = ctx.saved_tensors
+        if grad_weight.numel() < INPLACE_BACKWARD_MIN_ELEMENTS:
+            return (*_backward_chunked(ctx, grad_losses)[:3], *(None,) * 9)
+        # A large saved weight gradient is rescaled in place instead of copied: for a 32k-class head it is the
+        # largest tensor of the step. The saved tensors are then used up by one backward.
+        ctx.used_up = True
         T, N, D = grad_h_per_task.shape
         c = grad_losses.to(grad_h_per_task.dtype)
         grad_h = (c.view(1, T) @ grad_h_per_task.view(T, N * D)).view(N, D).to(ctx.h_dtype)

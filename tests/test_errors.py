@@ -382,9 +382,10 @@ def test_raw_op_nonpositive_chunk_rows(chunk_rows):
     _raises(ValueError, "chunk_rows", ops.multi_task_loss_chunked, *op_arg_tuple(args, chunk_rows))
 
 
-def test_second_backward_through_the_chunked_path_is_refused():
-    # The large-head path rescales its saved weight gradient in place; a second backward must say so, not
-    # silently return a doubly-scaled gradient.
+def test_second_backward_through_the_chunked_path_is_refused(monkeypatch):
+    # A large head's chunked path rescales its saved weight gradient in place; a second backward must say so,
+    # not silently return a doubly-scaled gradient.
+    monkeypatch.setattr(mf.ops, "INPLACE_BACKWARD_MIN_ELEMENTS", 0)
     heads = mf.MultiTaskHeads(D, _tasks(), chunk_rows=2)
     out = heads(torch.randn(B, D), _good_targets())
     out.loss.backward(retain_graph=True)
@@ -394,6 +395,15 @@ def test_second_backward_through_the_chunked_path_is_refused():
 
 def test_second_backward_through_the_small_head_path_works():
     heads = mf.MultiTaskHeads(D, _tasks(), chunk_rows=None)
+    out = heads(torch.randn(B, D), _good_targets())
+    out.loss.backward(retain_graph=True)
+    first = heads.packed["default"].weight.grad.clone()
+    out.loss.backward()
+    torch.testing.assert_close(heads.packed["default"].weight.grad, 2 * first)
+
+
+def test_second_backward_through_a_small_chunked_head_works():
+    heads = mf.MultiTaskHeads(D, _tasks(), chunk_rows=2)
     out = heads(torch.randn(B, D), _good_targets())
     out.loss.backward(retain_graph=True)
     first = heads.packed["default"].weight.grad.clone()
