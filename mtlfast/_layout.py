@@ -33,6 +33,12 @@ class TaskLayout:
         self.ignore_index: tuple[int, ...] = tuple(task.ignored_class for task in tasks)
         self.params: tuple[float, ...] = tuple(task.param for task in tasks)
         self.index: dict[str, int] = {name: i for i, name in enumerate(names)}
+        # Per task: (targets are class indices, trailing target dims after the batch dims, head width). Read on
+        # every step, so computed once rather than through the task properties.
+        self.target_specs: tuple[tuple[bool, tuple[int, ...], int], ...] = tuple(
+            (task.target_is_index, (task.num_outputs,) if task.target_has_class_dim else (), task.num_outputs)
+            for task in tasks
+        )
         self._device_cache: dict[tuple, torch.Tensor] = {}
         # Computed eagerly: a cached_property takes a lock that torch.compile cannot trace.
         self._column_weights_cpu = self._pack_column_weights()

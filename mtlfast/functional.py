@@ -77,19 +77,17 @@ def _flatten_targets(
     acc = accumulation_dtype(h.dtype)
     device = h.device
     flat = []
-    for task, target in zip(layout.tasks, given):
+    for task, (index, trailing, width), target in zip(layout.tasks, layout.target_specs, given):
         if target is None:
             flat.append(h.new_empty(0))
             continue
-        index = task.target_is_index
-        trailing = () if index or not task.target_has_class_dim else (task.num_outputs,)
         if (
             isinstance(target, torch.Tensor)
             and target.dtype == (torch.int64 if index else acc)
             and target.shape == batch_shape + trailing
             and target.device == device
         ):
-            flat.append(target.reshape(rows) if index else target.reshape(rows, task.num_outputs))
+            flat.append(target.reshape(rows) if index else target.reshape(rows, width))
         else:
             flat.append(_normalise_target(task, target, batch_shape, h))
     return flat
