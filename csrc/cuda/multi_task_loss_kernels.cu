@@ -252,6 +252,21 @@ __device__ __forceinline__ acc_t smoothing_class_weight(const acc_t* class_weigh
   return smoothing > acc_t(0) && class_weight != nullptr ? class_weight[c] : acc_t(1);
 }
 
+// One logit's share of a cross-entropy row's statistics, for the warp- and the block-per-row kernels alike.
+template <typename acc_t>
+__device__ __forceinline__ void add_class_logit(SoftmaxStats<acc_t>& stats, int64_t c, acc_t z, int64_t y,
+                                                const acc_t* class_weight, acc_t smoothing) {
+  stats.add_logit(z);
+  if (c == y) {
+    stats.target = z;
+  }
+  if (smoothing > acc_t(0)) {
+    const acc_t w = smoothing_class_weight(class_weight, c, smoothing);
+    stats.weighted += w * z;
+    stats.weights += w;
+  }
+}
+
 // The loss of a row whose class index is not a class: 0 when ignored, NaN when out of range (the CUDA op cannot
 // raise without a host sync, so the task's loss becomes NaN instead of a silently wrong number).
 template <typename acc_t>
@@ -314,16 +329,7 @@ __device__ __forceinline__ typename ScalarTraits<scalar_t>::acc_t cross_entropy_
   SoftmaxStats<acc_t> stats = empty_stats<acc_t>();
   if (valid) {
     for (int c = r.lane_in_row; c < task.width; c += r.lanes) {
-      const acc_t z = T::to_acc(r.logits[c]);
-      stats.add_logit(z);
-      if (c == y) {
-        stats.target = z;
-      }
-      if (smoothing > acc_t(0)) {
-        const acc_t w = smoothing_class_weight(class_weight, c, smoothing);
-        stats.weighted += w * z;
-        stats.weights += w;
-      }
+      add_class_logit(stats, c, T::to_acc(r.logits[c]), y, class_weight, smoothing);
     }
   }
   stats = group_all_reduce(stats, r.lanes, CombineStats{});
@@ -515,15 +521,7 @@ __device__ __forceinline__ typename ScalarTraits<scalar_t>::acc_t cross_entropy_
 
   SoftmaxStats<acc_t> stats = empty_stats<acc_t>();
   for_each_in_segment<true, false>(logits, grad, task.width, [&](int64_t c, acc_t z) {
-    stats.add_logit(z);
-    if (c == y) {
-      stats.target = z;
-    }
-    if (smoothing > acc_t(0)) {
-      const acc_t w = smoothing_class_weight(class_weight, c, smoothing);
-      stats.weighted += w * z;
-      stats.weights += w;
-    }
+    add_class_logit(stats, c, z, y, class_weight, smoothing);
     return acc_t(0);
   });
   stats = block_all_reduce<kRowKernelWarps>(stats, CombineStats{}, scratch);
