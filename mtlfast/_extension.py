@@ -54,13 +54,7 @@ _load()
 
 def backend_for(device: torch.device) -> str:
     """Which implementation runs the fused op for tensors on ``device``: 'cpu', 'cuda' or 'fallback'."""
-    if not HAS_C:
-        return "fallback"
-    if device.type == "cpu":
-        return "cpu"
-    if device.type == "cuda" and HAS_CUDA_KERNELS:
-        return "cuda"
-    return "fallback"
+    return "fallback" if why_not_fast(device) is not None else device.type
 
 
 def why_not_fast(device: torch.device) -> str | None:

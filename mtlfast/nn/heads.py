@@ -129,15 +129,15 @@ class MultiTaskHeads(nn.Module):
         self.tasks: tuple[Task, ...] = tuple(tasks)
         self.task_names: tuple[str, ...] = tuple(task.name for task in tasks)
         self.packed = nn.ModuleDict()
-        # Each input's tasks keep their relative order; _group_tasks[input] are their indices in self.tasks.
-        self._group_tasks: dict[str, list[int]] = {}
+        # Each input's tasks keep their relative order; group_tasks[input] are their indices in self.tasks.
+        group_tasks: dict[str, list[int]] = {}
         for name in inputs:
             members = [i for i, task in enumerate(tasks) if task.input == name]
-            self._group_tasks[name] = members
+            group_tasks[name] = members
             layout = TaskLayout([tasks[i] for i in members])
             self.packed[name] = _PackedHeads(layout, sizes[name], bias, device=device, dtype=dtype)
             self.packed[name].register_buffer("task_index", torch.tensor(members, device=device), persistent=False)
-        grouped_order = [i for name in inputs for i in self._group_tasks[name]]
+        grouped_order = [i for name in inputs for i in group_tasks[name]]
         # Losses come out group by group; this index puts them back in the order the tasks were given.
         restore = [grouped_order.index(i) for i in range(len(tasks))]
         self.register_buffer(
