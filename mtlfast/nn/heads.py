@@ -47,9 +47,11 @@ class MultiTaskOutput:
         losses: name → scalar loss tensor, only for tasks present in the batch (differentiable, no host sync).
         logits: name → logits, when requested.
         input_grads: name → dL_t/dh (unweighted, same shape as that task's input), when requested.
+
+    :meth:`input_gram` gives the (T, T) Gram matrix of those gradients, what gradient-balancing methods consume.
     """
 
-    def __init__(self, loss, loss_vector, present, logits=None, input_grads=None):
+    def __init__(self, loss, loss_vector, present, logits=None, input_grads=None, input_grad_groups=None):
         self.loss = loss
         self.loss_vector = loss_vector
         names = [name for name, here in present if here]
@@ -60,6 +62,25 @@ class MultiTaskOutput:
             self.losses = _LazySplit(loss_vector, names, lambda v: [v[i] for i in rows])
         self.logits = logits
         self.input_grads = input_grads
+        self._input_grad_groups = input_grad_groups
+
+    def input_gram(self) -> torch.Tensor:
+        """(T, T) matrix of <dL_s/dh, dL_t/dh> over the whole batch, in task order (float32, float64 for float64
+        inputs). Tasks reading different inputs have independent gradients (0 off-diagonal)."""
+        if self._input_grad_groups is None:
+            raise ValueError("mtlfast: input_gram() needs the forward call to pass per_task_input_grads=True")
+        num_tasks = self.loss_vector.shape[0]
+        gram = None
+        for task_index, grads in self._input_grad_groups:
+            flat = grads.flatten(1)
+            flat = flat if flat.dtype == torch.float64 else flat.float()
+            block = flat @ flat.T
+            if task_index is None:  # one group holding every task in order
+                return block
+            if gram is None:
+                gram = block.new_zeros(num_tasks, num_tasks)
+            gram = gram.index_put((task_index.unsqueeze(1), task_index.unsqueeze(0)), block)
+        return gram
 
     def __repr__(self) -> str:
         return f"MultiTaskOutput(loss={self.loss!r}, tasks={list(self.losses)})"
@@ -228,7 +249,7 @@ class MultiTaskHeads(nn.Module):
         if not any(here for _, here in present):
             raise ValueError(f"mtlfast: no targets given for any task of {list(self.task_names)}")
         representations = self._inputs_of(h)
-        loss_vectors, logits, input_grads = [], {}, {}
+        loss_vectors, logits, input_grads, grad_groups = [], {}, {}, []
         single_group = len(self.packed) == 1
         for input_name, group in self.packed.items():
             layout = group.layout
@@ -249,6 +270,7 @@ class MultiTaskHeads(nn.Module):
                 logits.update(_split_columns(out.logits, layout))
             if per_task_input_grads:
                 input_grads.update(zip(layout.names, out.input_grads.unbind(0)))
+                grad_groups.append((None if single_group else group.task_index, out.input_grads))
         loss_vector = loss_vectors[0] if single_group else torch.cat(loss_vectors)
         if self._restore_order is not None:
             loss_vector = loss_vector.index_select(0, self._restore_order)
@@ -257,6 +279,7 @@ class MultiTaskHeads(nn.Module):
             total, loss_vector, present,
             logits=logits if return_logits else None,
             input_grads=input_grads if per_task_input_grads else None,
+            input_grad_groups=grad_groups if per_task_input_grads else None,
         )
 
     @torch.no_grad()
