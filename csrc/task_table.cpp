@@ -1,8 +1,10 @@
 #include "mtlfast/task_table.h"
 
 #include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
 #include <c10/util/Exception.h>
 
+#include <cmath>
 #include <sstream>
 
 #include "mtlfast/loss_math.h"
@@ -18,13 +20,14 @@ const char* kind_name(int64_t kind) {
     case kMSE: return "MSE";
     case kL1: return "L1";
     case kHuber: return "Huber";
-    case kDistill: return "distillation";
+    case kDistill: return "distillation from teacher logits";
+    case kDistillProbs: return "distillation from teacher probabilities";
     default: return "unknown kind";
   }
 }
 
 bool is_dense_kind(int64_t kind) {
-  return kind == kBCE || kind == kMSE || kind == kL1 || kind == kHuber || kind == kDistill;
+  return kind == kBCE || kind == kMSE || kind == kL1 || kind == kHuber || is_distillation(kind);
 }
 
 }  // namespace
@@ -90,7 +93,7 @@ TaskTable check_multi_task_inputs(const at::Tensor& h, const at::Tensor& weight,
   const at::ScalarType acc = accumulation_dtype(h.scalar_type());
   for (int64_t t = 0; t < T; ++t) {
     const int64_t kind = table.kinds[t];
-    TORCH_CHECK_VALUE(kind >= kNone && kind <= kDistill, "mtlfast: task '", table.names[t],
+    TORCH_CHECK_VALUE(kind >= kNone && kind < kNumLossKinds, "mtlfast: task '", table.names[t],
                       "': unknown loss kind ", kind);
     TORCH_CHECK_VALUE(table.width(t) > 0, table.describe(t), ": owns no head column");
     if (kind == kNone) {
@@ -115,6 +118,10 @@ TaskTable check_multi_task_inputs(const at::Tensor& h, const at::Tensor& weight,
       if (kind == kHuber) {
         TORCH_CHECK_VALUE(table.params[t] > 0.0, table.describe(t), ": delta must be positive, got ",
                           table.params[t]);
+      }
+      if (is_distillation(kind)) {
+        TORCH_CHECK_VALUE(table.params[t] > 0.0 && std::isfinite(table.params[t]), table.describe(t),
+                          ": temperature must be positive and finite, got ", table.params[t]);
       }
     }
   }
@@ -146,6 +153,26 @@ void check_class_targets_in_range_cpu(const TaskTable& table, at::TensorList tar
       TORCH_CHECK_INDEX(v == ignore || (v >= 0 && v < classes), table.describe(t), ": class index ", v,
                         " at row ", i, " is out of range [0, ", classes, ") (ignore_index is ", ignore, ")");
     }
+  }
+}
+
+void check_distillation_targets_cpu(const TaskTable& table, at::TensorList targets) {
+  for (int64_t t = 0; t < table.num_tasks(); ++t) {
+    if (table.kinds[t] != kDistillProbs) {
+      continue;
+    }
+    const at::Tensor y = targets[t].contiguous();
+    const int64_t width = table.width(t);
+    AT_DISPATCH_FLOATING_TYPES(y.scalar_type(), "mtlfast::check_distillation_targets_cpu", [&] {
+      const scalar_t* data = y.const_data_ptr<scalar_t>();
+      for (int64_t i = 0; i < y.numel(); ++i) {
+        const scalar_t v = data[i];
+        // NaN marks a missing row; anything else must be a probability (the row sum is not checked).
+        TORCH_CHECK_VALUE(std::isnan(v) || (v >= scalar_t(0) && std::isfinite(v)), table.describe(t),
+                          ": target probabilities must be non-negative and finite (NaN marks a missing row), got ",
+                          v, " at row ", i / width, ", class ", i % width);
+      }
+    });
   }
 }
 

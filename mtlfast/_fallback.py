@@ -2,17 +2,18 @@
 
 Same semantics and outputs as the C++/CUDA kernels (see csrc/registration.cpp), vectorised by loss kind rather
 than looping over tasks: all element-wise columns (BCE / MSE / L1 / Huber) in one pass, cross-entropy tasks
-batched by class count. The backward ops mirror csrc/multi_task_loss_backward.cpp.
+batched by class count, distillation tasks by target form and class count. The backward ops mirror csrc/multi_task_loss_backward.cpp.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from functools import lru_cache
 
 import torch
 
-from mtlfast.tasks import LossKind
+from mtlfast.tasks import LossKind, is_distillation
 
 _DENSE_KINDS = (LossKind.BCE, LossKind.MSE, LossKind.L1, LossKind.HUBER)
 
@@ -48,15 +49,17 @@ def _acc(dtype: torch.dtype) -> torch.dtype:
 
 @lru_cache(maxsize=256)
 def _plan(kinds: tuple[int, ...], col_offsets: tuple[int, ...]):
-    """Column groups of a task mix: dense task ids, and cross-entropy task ids grouped by class count."""
+    """Column groups of a task mix: dense task ids, cross-entropy task ids grouped by class count, and
+    distillation task ids grouped by (kind, class count)."""
     dense = [t for t, k in enumerate(kinds) if k in _DENSE_KINDS]
     by_classes: dict[int, list[int]] = {}
+    distill: dict[tuple[int, int], list[int]] = {}
     for t, k in enumerate(kinds):
         if k == LossKind.CROSS_ENTROPY:
             by_classes.setdefault(col_offsets[t + 1] - col_offsets[t], []).append(t)
-        elif k == LossKind.DISTILL:
-            raise NotImplementedError("mtlfast: distillation tasks are not implemented yet")
-    return dense, sorted(by_classes.items())
+        elif is_distillation(k):
+            distill.setdefault((k, col_offsets[t + 1] - col_offsets[t]), []).append(t)
+    return dense, sorted(by_classes.items()), sorted(distill.items())
 
 
 @lru_cache(maxsize=1024)
@@ -93,6 +96,22 @@ def _check_class_targets(names, kinds, col_offsets, ignore_index, targets) -> No
             )
 
 
+def _check_distillation_targets(names, kinds, col_offsets, targets) -> None:
+    """CPU only (no host sync on a GPU), as in csrc/task_table.cpp: probabilities are NaN or finite and >= 0."""
+    for t, kind in enumerate(kinds):
+        if kind != LossKind.DISTILL_PROBS or targets[t].device.type != "cpu":
+            continue
+        y = targets[t]
+        bad = ~torch.isnan(y) & ~((y >= 0) & torch.isfinite(y))
+        if bool(bad.any()):
+            row, column = (int(i) for i in bad.nonzero()[0])
+            raise ValueError(
+                f"mtlfast: task '{names[t]}' ({_KIND_NAMES[LossKind(kind)]}): target probabilities must be "
+                f"non-negative and finite (NaN marks a missing row), got {float(y[row, column])} at row {row}, "
+                f"class {column}"
+            )
+
+
 def _denominators(targets, col_weight, kinds, col_offsets, ignore_index, acc, device) -> torch.Tensor:
     denominators = torch.zeros(len(kinds), dtype=acc, device=device)
     for t, kind in enumerate(kinds):  # one reduction per task, over targets only (no logits)
@@ -107,6 +126,8 @@ def _denominators(targets, col_weight, kinds, col_offsets, ignore_index, acc, de
                 denominators[t] = (w[y.clamp(0, classes - 1)] * kept).sum()
         elif kind in _DENSE_KINDS:
             denominators[t] = (~torch.isnan(targets[t])).sum()
+        elif is_distillation(kind):  # valid rows: a NaN anywhere marks the row missing
+            denominators[t] = (~torch.isnan(targets[t]).any(1)).sum()
     return denominators
 
 
@@ -116,7 +137,7 @@ def _loss_sums_and_grads(z, targets, row_slice, col_weight, kinds, col_offsets, 
     T = len(kinds)
     sums = torch.zeros(T, dtype=acc, device=z.device)
     grad = torch.zeros_like(z)
-    dense, ce_groups = _plan(tuple(kinds), tuple(col_offsets))
+    dense, ce_groups, distill_groups = _plan(tuple(kinds), tuple(col_offsets))
     if dense:
         cols = _const(_cols(dense, col_offsets), z.device)
         zd = z.index_select(1, cols)
@@ -167,6 +188,28 @@ def _loss_sums_and_grads(z, targets, row_slice, col_weight, kinds, col_offsets, 
         row_loss = torch.where(bad, torch.full_like(row_loss, float("nan")), row_loss)
         grad.index_copy_(1, cols, g.reshape(-1, G * classes))
         sums.index_add_(0, _const(group, z.device), row_loss.sum(0))
+    for (kind, classes), group in distill_groups:
+        cols = _const(_cols(group, col_offsets), z.device)
+        G = len(group)
+        zc = z.index_select(1, cols).view(-1, G, classes)
+        y = torch.stack([targets[t][row_slice] for t in group], dim=1)  # (rows, G, C)
+        tau = _const([params[t] for t in group], z.device, acc).view(G, 1)
+        missing = torch.isnan(y).any(-1, keepdim=True)  # (rows, G, 1)
+        y = torch.where(missing, torch.zeros_like(y), y)
+        log_q = torch.log_softmax(zc / tau, dim=-1)
+        if kind == LossKind.DISTILL:  # teacher logits
+            log_p = torch.log_softmax(y / tau, dim=-1)
+            p = log_p.exp()
+            mass = torch.ones_like(p[..., :1])
+        else:  # probabilities; a negative one (only reachable off the CPU) makes log p, hence the loss, NaN
+            p, log_p = y, y.log()
+            mass = p.sum(-1, keepdim=True)
+        # 0 · log 0 = 0: torch.where, since p · (log p - log q) is 0 · (-inf) = NaN there.
+        elements = torch.where(p == 0, torch.zeros_like(p), p * (log_p - log_q))
+        row_loss = torch.where(missing.squeeze(-1), torch.zeros_like(elements[..., 0]), tau.square().view(G) * elements.sum(-1))
+        g = torch.where(missing, torch.zeros_like(p), tau * (mass * log_q.exp() - p))
+        grad.index_copy_(1, cols, g.reshape(-1, G * classes))
+        sums.index_add_(0, _const(group, z.device), row_loss.sum(0))
     return sums, grad
 
 
@@ -177,7 +220,8 @@ def _scale_by_task(grad, denominators, col_task):
 
 _KIND_NAMES = {
     LossKind.NONE: "absent", LossKind.CROSS_ENTROPY: "cross-entropy", LossKind.BCE: "BCE", LossKind.MSE: "MSE",
-    LossKind.L1: "L1", LossKind.HUBER: "Huber", LossKind.DISTILL: "distillation",
+    LossKind.L1: "L1", LossKind.HUBER: "Huber", LossKind.DISTILL: "distillation from teacher logits",
+    LossKind.DISTILL_PROBS: "distillation from teacher probabilities",
 }
 
 
@@ -241,6 +285,8 @@ def _check_inputs(h, weight, bias, targets, col_weight, col_task, kinds, col_off
                 raise ValueError(f"{where}: target must have shape (N, C) = ({N}, {width}), got {tuple(y.shape)}")
             if kind == LossKind.HUBER and not params[t] > 0:
                 raise ValueError(f"{where}: delta must be positive, got {params[t]}")
+            if is_distillation(kind) and not (params[t] > 0 and math.isfinite(params[t])):
+                raise ValueError(f"{where}: temperature must be positive and finite, got {params[t]}")
     if col_weight is not None:
         if tuple(col_weight.shape) != (S,):
             raise ValueError(f"mtlfast: col_weight must be (S,) = ({S},), got {tuple(col_weight.shape)}")
@@ -255,6 +301,7 @@ def _check_inputs(h, weight, bias, targets, col_weight, col_task, kinds, col_off
 def _prepare(h, weight, bias, col_weight, col_task, targets, kinds, col_offsets, ignore_index, params, task_names):
     _check_inputs(h, weight, bias, targets, col_weight, col_task, kinds, col_offsets, ignore_index, params, task_names)
     _check_class_targets(task_names, kinds, col_offsets, ignore_index, targets)
+    _check_distillation_targets(task_names, kinds, col_offsets, targets)
     acc = _acc(h.dtype)
     return acc, _denominators(targets, col_weight, kinds, col_offsets, ignore_index, acc, h.device)
 

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from mtlfast.tasks import LossKind, Task
+from mtlfast.tasks import LossKind, Task, is_distillation
 
 
 def _masked_mean(elements: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
@@ -20,9 +20,27 @@ def _masked_mean(elements: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     return elements[valid].mean()
 
 
+def distillation_loss(task: Task, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """τ²·KL(p_teacher ‖ softmax(logits / τ)) averaged over the rows whose target (N, C) holds no NaN
+    (Hinton et al. 2015); the teacher's p is softmax(target / τ) for teacher logits, else the target itself."""
+    tau = task.param
+    valid = ~torch.isnan(target).any(-1)
+    if not bool(valid.any()):
+        return logits.sum() * 0.0
+    log_q = F.log_softmax(logits[valid] / tau, dim=-1)
+    if task.kind == LossKind.DISTILL:
+        log_p = F.log_softmax(target[valid] / tau, dim=-1)
+        kl = F.kl_div(log_q, log_p, reduction="batchmean", log_target=True)
+    else:
+        kl = F.kl_div(log_q, target[valid], reduction="batchmean")
+    return tau * tau * kl
+
+
 def task_loss(task: Task, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Loss of one task: ``logits`` (N, C), ``target`` (N,) class indices or (N, C) floats with NaN = missing."""
     kind = task.kind
+    if is_distillation(kind):
+        return distillation_loss(task, logits, target)
     if kind == LossKind.CROSS_ENTROPY:
         weights = task.column_weights()
         if weights is not None:

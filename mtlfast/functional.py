@@ -13,7 +13,7 @@ import torch
 
 from mtlfast import ops as _fused
 from mtlfast._layout import TaskLayout, accumulation_dtype
-from mtlfast.tasks import LossKind, Task
+from mtlfast.tasks import LossKind, Task, is_distillation
 
 _ops = torch.ops.mtlfast
 
@@ -57,6 +57,13 @@ def _normalise_target(task: Task, target: torch.Tensor, batch_shape: torch.Size,
         if target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
             raise TypeError(f"mtlfast: task '{task.name}' ({kind_name}): targets must be integer class indices, got {target.dtype}")
         return target.reshape(rows).to(torch.int64)
+    if not target.is_floating_point() and is_distillation(task.kind):
+        # Teacher logits / probabilities are real-valued: integers here are most likely class indices.
+        raise TypeError(
+            f"mtlfast: task '{task.name}' ({kind_name}): targets must be floating point teacher "
+            f"{'logits' if task.kind == LossKind.DISTILL else 'probabilities'} of shape (..., {task.num_outputs}), "
+            f"got {target.dtype}"
+        )
     if not target.is_floating_point():
         if target.dtype == torch.bool or not target.is_complex():
             target = target.to(accumulation_dtype(h.dtype))
@@ -145,7 +152,7 @@ def multi_task_loss(
         bias: (S,) or None.
         targets: per task (mapping by name, or a sequence in task order): class indices (...) for
             Classification, floats (...) for Binary / Regression(dim=1), (..., C) for MultiLabel /
-            Regression(dim=C). A missing or None target skips that task for this batch (loss 0, no gradient).
+            Regression(dim=C) / Distillation (teacher logits or probabilities; a row holding a NaN is missing). A missing or None target skips that task for this batch (loss 0, no gradient).
         tasks: the task specs (or a prebuilt :class:`TaskLayout`, which caches per-device tables).
         task_weights: (T,) λ, any tensor (learnable is fine); defaults to each task's ``weight``.
         return_logits: also return the (..., S) logits (then the small-head path is used).

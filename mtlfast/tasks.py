@@ -8,6 +8,7 @@ model feeds several (e.g. ``"tokens"`` and ``"sentence"``).
 from __future__ import annotations
 
 import enum
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -25,7 +26,12 @@ class LossKind(enum.IntEnum):
     MSE = 3
     L1 = 4
     HUBER = 5
-    DISTILL = 6
+    DISTILL = 6  # knowledge distillation, targets = teacher logits (soft targets softmax(teacher / τ))
+    DISTILL_PROBS = 7  # knowledge distillation, targets = the teacher's probabilities themselves
+
+
+# The encoding of a distillation task's target form, in one place: its kind code (param = temperature τ).
+DISTILLATION_KINDS = {"logits": LossKind.DISTILL, "probs": LossKind.DISTILL_PROBS}
 
 
 @dataclass(frozen=True)
@@ -186,4 +192,64 @@ class Regression(Task):
     param = property(lambda self: float(self.delta) if self.loss == "huber" else 0.0)
 
 
-__all__ = ["Task", "Classification", "Binary", "MultiLabel", "Regression", "LossKind", "DEFAULT_INPUT"]
+@dataclass(frozen=True)
+class Distillation(Task):
+    """Knowledge distillation (Hinton, Vinyals & Dean 2015, "Distilling the Knowledge in a Neural Network").
+
+    The head's ``num_classes`` logits z (the student) are trained toward a teacher's distribution p, both softened
+    by the temperature τ. Targets ``(..., num_classes)`` floats:
+
+    * ``targets="logits"``: the teacher's logits t; p = softmax(t / τ);
+    * ``targets="probs"``: the probabilities p themselves, each row non-negative (summing to 1).
+
+    A row whose target contains a NaN is missing. Per valid row the loss is
+    τ²·KL(p ‖ softmax(z / τ)) = τ²·Σ_c p_c·(log p_c − log q_c) with 0·log 0 = 0 (the τ² keeps the gradient
+    τ·(q − p) on the scale of a cross-entropy's as τ changes); the task's loss is the mean over valid rows,
+    ``τ² · F.kl_div(log_softmax(z / τ), p, reduction="batchmean")`` on the valid rows.
+
+    Probability rows are used as given: their sum is not checked (on CUDA that would need a host sync). For a row
+    that does not sum to 1 the loss is still Σ_c p_c·(log p_c − log q_c) (as ``F.kl_div`` computes it) with its
+    exact gradient τ·(q·Σ_c p_c − p). Negative or infinite probabilities raise a ValueError on the CPU; on CUDA they
+    make the task's loss NaN instead.
+    """
+
+    num_classes: int = 2
+    temperature: float = 1.0
+    targets: str = field(default="logits", kw_only=True)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.num_classes < 2:
+            raise ValueError(f"mtlfast: task {self.name!r}: num_classes must be >= 2, got {self.num_classes}")
+        if not (math.isfinite(self.temperature) and self.temperature > 0):
+            raise ValueError(f"mtlfast: task {self.name!r}: temperature must be positive and finite, got {self.temperature}")
+        if self.targets not in DISTILLATION_KINDS:
+            raise ValueError(
+                f"mtlfast: task {self.name!r}: targets must be one of {sorted(DISTILLATION_KINDS)}, got {self.targets!r}"
+            )
+
+    num_outputs = property(lambda self: self.num_classes)
+    kind = property(lambda self: DISTILLATION_KINDS[self.targets])
+    param = property(lambda self: float(self.temperature))
+    target_has_class_dim = property(lambda self: True)
+
+
+def is_distillation(kind: int) -> bool:
+    """Whether a kind code is one of the distillation kinds (either target form)."""
+    return kind in _DISTILLATION_KIND_CODES
+
+
+_DISTILLATION_KIND_CODES = frozenset(int(kind) for kind in DISTILLATION_KINDS.values())
+
+
+__all__ = [
+    "Task",
+    "Classification",
+    "Binary",
+    "MultiLabel",
+    "Regression",
+    "Distillation",
+    "LossKind",
+    "DISTILLATION_KINDS",
+    "DEFAULT_INPUT",
+]

@@ -30,7 +30,7 @@ from mtlfast._reference import reference_multi_task_loss
 requires_c = pytest.mark.skipif(not mf.HAS_C, reason="the compiled extension mtlfast._C is not loaded")
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
-KINDS = ("ce", "binary", "multilabel", "regression")
+KINDS = ("ce", "binary", "multilabel", "regression", "distill")
 
 # (rtol, atol) for element-wise comparisons against the float64 reference.
 TOLERANCES = {
@@ -72,6 +72,15 @@ def random_task(rng: random.Random, name: str, kind: str | None = None, input: s
         return mf.Regression(
             name, dim=rng.choice([1, 1, 3]), loss=loss, delta=round(rng.uniform(0.3, 2.0), 3), weight=weight, input=input
         )
+    if kind == "distill":
+        return mf.Distillation(
+            name,
+            num_classes=rng.choice([2, 3, 5, 9]),
+            temperature=rng.choice([0.5, 1.0, 2.0, 4.0]),
+            targets=rng.choice(["logits", "probs"]),
+            weight=weight,
+            input=input,
+        )
     raise ValueError(kind)
 
 
@@ -100,6 +109,8 @@ def random_target(
             missing = torch.ones(batch_shape, dtype=torch.bool)
         return torch.where(missing, torch.full_like(y, task.ignored_class), y)
     shape = batch_shape + ((task.num_outputs,) if task.target_has_class_dim else ())
+    if mf.tasks.is_distillation(task.kind):
+        return random_distillation_target(task, batch_shape, gen, p_missing=p_missing, empty=empty)
     if task.kind == mf.LossKind.BCE:
         hard = (torch.rand(shape, generator=gen) < 0.5).double()
         soft = torch.rand(shape, generator=gen, dtype=torch.float64)
@@ -110,6 +121,27 @@ def random_target(
     if empty:
         missing = torch.ones(shape, dtype=torch.bool)
     return torch.where(missing, torch.full_like(y, math.nan), y)
+
+
+def random_distillation_target(
+    task: mf.Task, batch_shape: Sequence[int], gen: torch.Generator, *, p_missing: float = 0.2, empty: bool = False
+) -> torch.Tensor:
+    """Teacher logits, or probability rows (some entries exactly 0, rows summing to 1), shape batch + (C,); a
+    fraction ``p_missing`` of the rows is missing: a NaN in one random entry of the row (the rest stays finite)."""
+    shape = tuple(batch_shape) + (task.num_outputs,)
+    teacher = 2.0 * torch.randn(shape, generator=gen, dtype=torch.float64)
+    if task.kind == mf.LossKind.DISTILL_PROBS:
+        probs = torch.softmax(teacher, dim=-1)
+        zeroed = torch.rand(shape, generator=gen) < 0.2
+        zeroed[..., 0] = False  # every row keeps some mass
+        probs = torch.where(zeroed, torch.zeros_like(probs), probs)
+        teacher = probs / probs.sum(-1, keepdim=True)
+    missing_rows = torch.rand(tuple(batch_shape), generator=gen) < p_missing
+    if empty:
+        missing_rows = torch.ones(tuple(batch_shape), dtype=torch.bool)
+    nan_column = torch.randint(0, task.num_outputs, tuple(batch_shape), generator=gen)
+    nan_at = missing_rows.unsqueeze(-1) & (torch.arange(task.num_outputs) == nan_column.unsqueeze(-1))
+    return torch.where(nan_at, torch.full_like(teacher, math.nan), teacher)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -124,9 +124,9 @@ def rank_results(data, single_results, tmp_path_factory):
     if not dist.is_available():
         pytest.skip("torch.distributed is not available in this build of torch")
     out_dir = tmp_path_factory.mktemp("ddp")
-    # fork (after single_results warmed everything up) starts the ranks in a fraction of a second; spawn re-imports
-    # torch and mtlfast in each, where fork does not exist.
-    start_method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
+    # spawn, not fork: forking a process whose autograd engine threads have already run (any earlier test in the
+    # session) is refused by torch.
+    start_method = "spawn"
     mp.start_processes(_worker, args=(str(out_dir / "init"), *data, str(out_dir)), nprocs=WORLD, join=True,
                        start_method=start_method)
     return [torch.load(out_dir / f"rank{rank}.pt") for rank in range(WORLD)]

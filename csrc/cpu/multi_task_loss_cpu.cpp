@@ -6,7 +6,8 @@
 // correctly), and the per-element / per-row formulas come from mtlfast/loss_math.h (shared with CUDA). On CPUs
 // that run AVX2, the libm-bound kinds (BCE, cross-entropy) use the vector twins of those formulas in
 // vectorized_losses.cpp instead (SLEEF's vector exp / log / log1p instead of scalar libm calls: 3-5x faster),
-// on tiles of the block gathered into contiguous buffers.
+// on tiles of the block gathered into contiguous buffers. Distillation rows run scalar code on every CPU (their
+// exp / log calls are not vectorised; the structure of cross_entropy_rows would allow it if they ever matter).
 //
 //   multi_task_loss          one GEMM for all heads, the loss pass on the full (N, S) logits, which become the
 //                            returned grad_logits.
@@ -71,7 +72,7 @@ struct TaskPass {
   int64_t begin = 0;  // first packed column
   int64_t width = 0;  // C_t
   int64_t ignore_index = 0;
-  acc_t param = 0;              // label smoothing (cross-entropy) / delta (Huber)
+  acc_t param = 0;              // label smoothing (cross-entropy) / delta (Huber) / temperature (distillation)
   acc_t sum_class_weights = 0;  // cross-entropy: Σ_c w_c over the task's columns
   acc_t grad_scale = 0;         // 1 / denominator, 0 when the task has no valid entry
   bool uniform_pos_weight = true;          // BCE: the same pos_weight in all its columns
@@ -99,6 +100,17 @@ double dense_denominator(const TaskPass<acc_t>& task, int64_t rows) {
   int64_t present = 0;
   for (int64_t i = 0; i < count; ++i) {
     present += std::isnan(task.dense_targets[i]) ? 0 : 1;
+  }
+  return static_cast<double>(present);
+}
+
+// Number of rows whose target holds no NaN (distillation: a NaN anywhere in the row marks it missing).
+template <typename acc_t>
+double complete_rows(const TaskPass<acc_t>& task, int64_t rows) {
+  int64_t present = 0;
+  for (int64_t i = 0; i < rows; ++i) {
+    const acc_t* y = task.dense_targets + i * task.width;
+    present += std::none_of(y, y + task.width, [](acc_t v) { return std::isnan(v); }) ? 1 : 0;
   }
   return static_cast<double>(present);
 }
@@ -151,7 +163,8 @@ class LossProblem {
                                                 [&](acc_t w) { return w == class_weights[0]; });
           max_bce_width_ = std::max(max_bce_width_, task.width);
         }
-        denominators_[t] = dense_denominator(task, table.rows);
+        denominators_[t] = is_distillation(task.kind) ? complete_rows(task, table.rows)
+                                                      : dense_denominator(task, table.rows);
       }
       task.grad_scale = static_cast<acc_t>(safe_reciprocal(denominators_[t]));
     }
@@ -271,6 +284,55 @@ double cross_entropy_rows(scalar_t* logits, int64_t row_stride, int64_t rows, in
       z[c] = static_cast<scalar_t>(class_grad(c, /*is_target=*/false));
     }
     z[target] = static_cast<scalar_t>(class_grad(target, /*is_target=*/true));
+  }
+  return loss_sum;
+}
+
+// Distillation rows of one task: per row the maxima and Σexp of z / τ (and of t / τ for teacher logits, or the
+// target mass Σ p for probabilities), then loss_math.h's per-class loss and gradient. Scalar: each class costs
+// four exp calls (two and a log for probabilities) but needs no scratch buffer.
+template <typename scalar_t, typename acc_t>
+double distillation_rows(scalar_t* logits, int64_t row_stride, int64_t rows, int64_t first_row,
+                         const TaskPass<acc_t>& task) {
+  const int64_t num_classes = task.width;
+  const bool from_logits = distillation_targets_are_logits(task.kind);
+  const acc_t temperature = task.param;
+  const acc_t inv_temperature = acc_t(1) / temperature;
+  const acc_t grad_scale = task.grad_scale;
+  double loss_sum = 0.0;
+  for (int64_t i = 0; i < rows; ++i) {
+    scalar_t* z = logits + i * row_stride + task.begin;
+    const acc_t* y = task.dense_targets + (first_row + i) * num_classes;
+    if (std::any_of(y, y + num_classes, [](acc_t v) { return std::isnan(v); })) {  // missing row
+      std::fill(z, z + num_classes, scalar_t(0));
+      continue;
+    }
+    acc_t student_max = -std::numeric_limits<acc_t>::infinity();
+    acc_t teacher_max = -std::numeric_limits<acc_t>::infinity();
+    acc_t target_mass = 0;
+    for (int64_t c = 0; c < num_classes; ++c) {
+      student_max = std::max(student_max, static_cast<acc_t>(z[c]) * inv_temperature);
+      teacher_max = std::max(teacher_max, y[c] * inv_temperature);
+      target_mass += y[c];
+    }
+    acc_t student_sum_exp = 0;
+    acc_t teacher_sum_exp = 0;
+    for (int64_t c = 0; c < num_classes; ++c) {
+      student_sum_exp += std::exp(static_cast<acc_t>(z[c]) * inv_temperature - student_max);
+      if (from_logits) {
+        teacher_sum_exp += std::exp(y[c] * inv_temperature - teacher_max);
+      }
+    }
+    const DistillationRow<acc_t> row =
+        from_logits ? distillation_row(temperature, student_max, student_sum_exp, teacher_max, teacher_sum_exp, acc_t(1))
+                    : distillation_row(temperature, student_max, student_sum_exp, acc_t(0), acc_t(1), target_mass);
+    acc_t row_loss = 0;
+    for (int64_t c = 0; c < num_classes; ++c) {
+      const LossAndGrad<acc_t> r = distillation_element(row, from_logits, static_cast<acc_t>(z[c]), y[c]);
+      row_loss += r.loss;
+      z[c] = static_cast<scalar_t>(grad_scale * r.grad);
+    }
+    loss_sum += static_cast<double>(row_loss);
   }
   return loss_sum;
 }
@@ -424,7 +486,10 @@ double task_rows(scalar_t* logits, int64_t row_stride, int64_t rows, int64_t fir
       return dense_rows<kL1>(logits, row_stride, rows, first_row, task, col_weight);
     case kHuber:
       return dense_rows<kHuber>(logits, row_stride, rows, first_row, task, col_weight);
-    default:  // kNone (kDistill is rejected before any work): absent task, zero gradient
+    case kDistill:
+    case kDistillProbs:
+      return distillation_rows(logits, row_stride, rows, first_row, task);
+    default:  // kNone: absent task, zero gradient
       zero_rows(logits, row_stride, rows, task.begin, task.width);
       return 0.0;
   }
@@ -465,13 +530,6 @@ void accumulate_loss_and_grad(scalar_t* logits, int64_t rows, int64_t first_row,
   }
 }
 
-void reject_unimplemented_kinds(const TaskTable& table) {
-  for (int64_t t = 0; t < table.num_tasks(); ++t) {
-    TORCH_CHECK_NOT_IMPLEMENTED(table.kinds[t] != kDistill, table.describe(t),
-                                ": distillation is not implemented yet in the CPU kernel");
-  }
-}
-
 // Validation shared by both ops, before any kernel runs.
 TaskTable check_cpu_inputs(const at::Tensor& h, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
                            at::TensorList targets, const c10::optional<at::Tensor>& col_weight,
@@ -481,7 +539,7 @@ TaskTable check_cpu_inputs(const at::Tensor& h, const at::Tensor& weight, const 
   TaskTable table = check_multi_task_inputs(h, weight, bias, targets, col_weight, col_task, kinds, col_offsets,
                                             ignore_index, params, task_names);
   check_class_targets_in_range_cpu(table, targets);
-  reject_unimplemented_kinds(table);
+  check_distillation_targets_cpu(table, targets);
   return table;
 }
 

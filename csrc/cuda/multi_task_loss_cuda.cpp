@@ -3,7 +3,8 @@
 // multi_task_loss_kernels.cu, which is kept free of torch headers (they would multiply its compile time).
 //
 // Everything runs on the current stream without a host sync: losses stay on the device, and a class index out of
-// range (which the CPU backend reports as an IndexError) turns the task's loss into NaN instead.
+// range (which the CPU backend reports as an IndexError) turns the task's loss into NaN instead, as does a
+// negative or infinite distillation probability (a ValueError on the CPU).
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -67,8 +68,6 @@ struct LossPipeline {
     targets.reserve(T);
     for (int64_t t = 0; t < T; ++t) {
       const int64_t kind = table.kinds[t];
-      TORCH_CHECK_NOT_IMPLEMENTED(kind != kDistill, table.describe(t),
-                                  ": distillation losses are not implemented yet in the CUDA kernels");
       TORCH_CHECK_VALUE(table.width(t) <= std::numeric_limits<int32_t>::max(), table.describe(t),
                         ": at most 2^31-1 head columns per task on CUDA, got ", table.width(t));
       targets.push_back(kind == kNone ? at::Tensor() : targets_in[t].contiguous());

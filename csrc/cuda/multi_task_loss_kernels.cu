@@ -9,6 +9,9 @@
 //     max / Σexp pass followed by a pass writing the gradients.
 // Each warp (small segments) or block (wide ones) writes the loss of its rows to its own slot of the loss
 // partials, and every reduction (lane groups, warps, blocks, partial slots) runs in a fixed order.
+// Distillation rows follow the cross-entropy structure: a pass gathering the row's softmax statistics (of the
+// student, and of the teacher or its probability mass) reduced over the lane group / block, then a pass writing
+// the gradients.
 #include "multi_task_loss_kernels.h"
 
 #include <cuda_bf16.h>
@@ -274,6 +277,72 @@ __device__ __forceinline__ acc_t invalid_target_loss(bool ignored) {
   return ignored ? acc_t(0) : acc_t(NAN);
 }
 
+// Online max / Σexp(v - max) update, as SoftmaxStats::add_logit.
+template <typename acc_t>
+__device__ __forceinline__ void add_to_softmax(acc_t& max, acc_t& sum_exp, acc_t v) {
+  if (v > max) {
+    sum_exp = sum_exp * ::exp(max - v) + acc_t(1);
+    max = v;
+  } else {
+    sum_exp += ::exp(v - max);
+  }
+}
+
+// Running statistics of one distillation row (or of the part of it one thread has seen): loss_math.h's
+// distillation_row inputs, plus whether a target entry was NaN (the row is then missing).
+template <typename acc_t>
+struct DistillationStats {
+  acc_t student_max;      // max of z / τ
+  acc_t student_sum_exp;  // Σ exp(z / τ - student_max)
+  acc_t teacher_max;      // teacher logits: max of t / τ
+  acc_t teacher_sum_exp;  // teacher logits: Σ exp(t / τ - teacher_max)
+  acc_t target_mass;      // probabilities: Σ p
+  int missing;            // nonzero when some target entry is NaN
+
+  __device__ __forceinline__ void add(acc_t z, acc_t y, acc_t inv_temperature, bool from_logits) {
+    missing |= isnan(y) ? 1 : 0;
+    add_to_softmax(student_max, student_sum_exp, z * inv_temperature);
+    if (from_logits) {
+      add_to_softmax(teacher_max, teacher_sum_exp, y * inv_temperature);
+    } else {
+      target_mass += y;
+    }
+  }
+
+  __device__ __forceinline__ DistillationRow<acc_t> row(acc_t temperature, bool from_logits) const {
+    return from_logits
+               ? distillation_row(temperature, student_max, student_sum_exp, teacher_max, teacher_sum_exp, acc_t(1))
+               : distillation_row(temperature, student_max, student_sum_exp, acc_t(0), acc_t(1), target_mass);
+  }
+};
+
+template <typename acc_t>
+__device__ __forceinline__ DistillationStats<acc_t> empty_distillation_stats() {
+  return {lowest<acc_t>(), acc_t(0), lowest<acc_t>(), acc_t(0), acc_t(0), 0};
+}
+
+struct CombineDistillationStats {
+  template <typename acc_t>
+  __device__ __forceinline__ DistillationStats<acc_t> operator()(const DistillationStats<acc_t>& a,
+                                                                 const DistillationStats<acc_t>& b) const {
+    const acc_t s = ::fmax(a.student_max, b.student_max);
+    const acc_t t = ::fmax(a.teacher_max, b.teacher_max);
+    return {s,
+            mul_rn(a.student_sum_exp, ::exp(a.student_max - s)) + mul_rn(b.student_sum_exp, ::exp(b.student_max - s)),
+            t,
+            mul_rn(a.teacher_sum_exp, ::exp(a.teacher_max - t)) + mul_rn(b.teacher_sum_exp, ::exp(b.teacher_max - t)),
+            a.target_mass + b.target_mass,
+            a.missing | b.missing};
+  }
+};
+
+template <typename acc_t>
+__device__ __forceinline__ DistillationStats<acc_t> shfl_xor(const DistillationStats<acc_t>& s, int offset) {
+  return {__shfl_xor_sync(kFullMask, s.student_max, offset), __shfl_xor_sync(kFullMask, s.student_sum_exp, offset),
+          __shfl_xor_sync(kFullMask, s.teacher_max, offset), __shfl_xor_sync(kFullMask, s.teacher_sum_exp, offset),
+          __shfl_xor_sync(kFullMask, s.target_mass, offset), __shfl_xor_sync(kFullMask, s.missing, offset)};
+}
+
 // ---------------------------------------------------------------------------------------------------------------
 // Narrow segments: `lanes` lanes per row, 32 / lanes rows per warp
 
@@ -354,6 +423,45 @@ __device__ __forceinline__ typename ScalarTraits<scalar_t>::acc_t cross_entropy_
 }
 
 template <typename scalar_t>
+__device__ __forceinline__ typename ScalarTraits<scalar_t>::acc_t distillation_segment_warp(
+    const TaskMeta& task, const WarpRow<scalar_t>& r) {
+  using T = ScalarTraits<scalar_t>;
+  using acc_t = typename T::acc_t;
+  const bool from_logits = distillation_targets_are_logits(task.kind);
+  const acc_t temperature = acc_t(task.param);
+  const acc_t inv_temperature = acc_t(1) / temperature;
+  const acc_t* y = static_cast<const acc_t*>(task.target) + r.row * task.width;
+
+  // Pass 1: the row's statistics, reduced over its lane group (inactive lanes join with empty ones).
+  DistillationStats<acc_t> stats = empty_distillation_stats<acc_t>();
+  if (r.active) {
+    for (int c = r.lane_in_row; c < task.width; c += r.lanes) {
+      stats.add(T::to_acc(r.logits[c]), y[c], inv_temperature, from_logits);
+    }
+  }
+  stats = group_all_reduce(stats, r.lanes, CombineDistillationStats{});
+  if (!r.active) {
+    return acc_t(0);
+  }
+  if (stats.missing) {
+    for (int c = r.lane_in_row; c < task.width; c += r.lanes) {
+      r.grad[c] = T::from_acc(acc_t(0));
+    }
+    return acc_t(0);
+  }
+
+  // Pass 2: loss and gradient per class (each lane over the columns it read).
+  const DistillationRow<acc_t> row = stats.row(temperature, from_logits);
+  acc_t loss = acc_t(0);
+  for (int c = r.lane_in_row; c < task.width; c += r.lanes) {
+    const LossAndGrad<acc_t> e = distillation_element(row, from_logits, T::to_acc(r.logits[c]), y[c]);
+    loss += e.loss;
+    r.grad[c] = T::from_acc(e.grad * r.inv_denominator);
+  }
+  return loss;
+}
+
+template <typename scalar_t>
 __global__ void __launch_bounds__(kWarpKernelThreads, kWarpKernelMinBlocks)
     segment_loss_warp_kernel(const __grid_constant__ TaskBatch batch, const __grid_constant__ SegmentArgs args) {
   using acc_t = typename ScalarTraits<scalar_t>::acc_t;
@@ -405,6 +513,10 @@ __global__ void __launch_bounds__(kWarpKernelThreads, kWarpKernelMinBlocks)
       break;
     case kHuber:
       loss = dense_segment_warp<kHuber>(task, args, r);
+      break;
+    case kDistill:
+    case kDistillProbs:
+      loss = distillation_segment_warp(task, r);
       break;
     default:  // kNone: absent from the batch, zero gradient
       if (r.active) {
@@ -534,6 +646,41 @@ __device__ __forceinline__ typename ScalarTraits<scalar_t>::acc_t cross_entropy_
   return cross_entropy_loss(terms, stats);
 }
 
+// Plain strided loops rather than for_each_in_segment's 16-byte packs: the packs' unrolled online-softmax updates of
+// two distributions made ptxas spill in this kernel (sm_90), and the loads stay coalesced (the targets' too).
+template <typename scalar_t>
+__device__ __forceinline__ typename ScalarTraits<scalar_t>::acc_t distillation_segment_block(
+    const TaskMeta& task, int64_t row, const scalar_t* logits, scalar_t* grad,
+    typename ScalarTraits<scalar_t>::acc_t inv_denominator) {
+  using T = ScalarTraits<scalar_t>;
+  using acc_t = typename T::acc_t;
+  __shared__ DistillationStats<acc_t> stats_scratch[kRowKernelWarps];
+  __shared__ acc_t loss_scratch[kRowKernelWarps];
+  const bool from_logits = distillation_targets_are_logits(task.kind);
+  const acc_t temperature = acc_t(task.param);
+  const acc_t inv_temperature = acc_t(1) / temperature;
+  const acc_t* y = static_cast<const acc_t*>(task.target) + row * task.width;
+
+  DistillationStats<acc_t> stats = empty_distillation_stats<acc_t>();
+  for (int64_t c = threadIdx.x; c < task.width; c += blockDim.x) {
+    stats.add(T::to_acc(logits[c]), y[c], inv_temperature, from_logits);
+  }
+  stats = block_all_reduce<kRowKernelWarps>(stats, CombineDistillationStats{}, stats_scratch);
+  if (stats.missing) {  // uniform over the block
+    zero_segment(grad, task.width);
+    return acc_t(0);
+  }
+
+  const DistillationRow<acc_t> terms = stats.row(temperature, from_logits);
+  acc_t loss = acc_t(0);
+  for (int64_t c = threadIdx.x; c < task.width; c += blockDim.x) {
+    const LossAndGrad<acc_t> e = distillation_element(terms, from_logits, T::to_acc(logits[c]), y[c]);
+    loss += e.loss;
+    grad[c] = T::from_acc(e.grad * inv_denominator);
+  }
+  return block_all_reduce<kRowKernelWarps>(loss, Sum{}, loss_scratch);
+}
+
 template <typename scalar_t>
 __global__ void __launch_bounds__(kRowKernelThreads)
     segment_loss_row_kernel(const __grid_constant__ TaskBatch batch, const __grid_constant__ SegmentArgs args) {
@@ -563,6 +710,10 @@ __global__ void __launch_bounds__(kRowKernelThreads)
       break;
     case kHuber:
       loss = dense_segment_block<kHuber>(task, args, row, logits, grad, inv_denominator);
+      break;
+    case kDistill:
+    case kDistillProbs:
+      loss = distillation_segment_block(task, row, logits, grad, inv_denominator);
       break;
     default:  // kNone
       zero_segment(grad, task.width);
@@ -600,6 +751,21 @@ __global__ void __launch_bounds__(kDenominatorThreads)
         } else {
           ++count;
         }
+      }
+    }
+  } else if (is_distillation(task.kind)) {
+    // Valid rows: a NaN anywhere marks the row missing. A warp per row, reading along it (coalesced).
+    const acc_t* y = static_cast<const acc_t*>(task.target);
+    const int warp = threadIdx.x / kWarpSize;
+    const int lane = threadIdx.x % kWarpSize;
+    for (int64_t r = begin + warp; r < end; r += kDenominatorWarps) {  // uniform over the warp
+      bool missing = false;
+      for (int64_t c = lane; c < task.width; c += kWarpSize) {
+        missing = missing || isnan(y[r * task.width + c]);
+      }
+      const bool row_missing = __any_sync(kFullMask, missing);
+      if (lane == 0 && !row_missing) {
+        ++count;
       }
     }
   } else if (task.kind != kNone) {

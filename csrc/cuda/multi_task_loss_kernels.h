@@ -4,7 +4,8 @@
 //
 // One op call runs, on one stream and without host syncs:
 //   1. launch_denominators      per task and row slot: Σ class weight of valid targets (CE) / count of non-NaN
-//                               targets (dense kinds)            -> denominator partials (T, kMaxDenominatorSlots)
+//                               targets (element-wise kinds) / count of rows without NaN (distillation)
+//                                                                -> denominator partials (T, kMaxDenominatorSlots)
 //   2. launch_segment_losses    per (row, task): loss and logit gradient in one read of the logits, the gradient
 //                               written over the logits (scaled by 1/denominator) -> loss partials (T, N)
 //                               (called once per row chunk by the chunked op)
@@ -37,8 +38,8 @@ struct TaskMeta {
   const void* target;    // int64 (N,) class indices (CE); (N, width) accumulation type (dense); null for kNone
   int64_t col_offset;    // first head column of the task
   int64_t ignore_index;  // CE only
-  double param;          // label smoothing (CE) / delta (Huber)
-  int32_t kind;          // mtlfast::LossKind; never kDistill (the glue rejects it)
+  double param;          // label smoothing (CE) / delta (Huber) / temperature (distillation)
+  int32_t kind;          // mtlfast::LossKind
   int32_t width;         // C_t
   int32_t index;         // the task's row in the per-task buffers (partials, losses)
   int32_t first_warp;    // set by launch_segment_losses: first warp of the task in the warp-per-row kernel

@@ -28,8 +28,15 @@ enum LossKind : int64_t {
   kMSE = 3,           // regression, NaN target = missing
   kL1 = 4,
   kHuber = 5,         // param = delta
-  kDistill = 6,       // reserved: soft targets / teacher logits with temperature (transfer issue)
+  kDistill = 6,       // knowledge distillation, target = teacher logits; param = temperature τ
+  kDistillProbs = 7,  // knowledge distillation, target = teacher probabilities; param = temperature τ
+  kNumLossKinds = 8,  // one past the last code
 };
+
+// The target form of a distillation task is encoded by its kind code alone (one code per form, here and in
+// mtlfast/tasks.py::DISTILLATION_KINDS): every other kind-specific branch asks these two.
+MTLFAST_HD bool is_distillation(int64_t kind) { return kind == kDistill || kind == kDistillProbs; }
+MTLFAST_HD bool distillation_targets_are_logits(int64_t kind) { return kind == kDistill; }
 
 template <typename acc_t>
 struct LossAndGrad {
@@ -153,6 +160,52 @@ template <typename acc_t>
 MTLFAST_HD acc_t cross_entropy_grad(const CrossEntropyRow<acc_t>& row, acc_t prob, bool is_target,
                                     acc_t smoothing_weight /* b_c */) {
   return (row.a + row.B) * prob - (is_target ? row.a : acc_t(0)) - smoothing_weight;
+}
+
+// Knowledge distillation (Hinton et al. 2015) of a row of C student logits z toward a teacher distribution p at
+// temperature τ:
+//   q         = softmax(z / τ),  log q_c = z_c / τ - lse_s,   lse_s = log Σ_c exp(z_c / τ)
+//   p         = softmax(t / τ) for teacher logits t (log p_c = t_c / τ - lse_t), or the given probabilities
+//   row loss  = τ² · Σ_c p_c (log p_c - log q_c)     with 0 · log 0 = 0
+//   d/dz_c    = τ · (m·q_c - p_c),                   m = Σ_c p_c (1 for teacher logits; as given for probabilities)
+//   the task's denominator counts the valid rows (a row whose target holds a NaN is missing).
+// A kernel computes the row statistics (the max and Σexp of z / τ, and of t / τ or Σ_c p_c) its own way and calls
+// these per element. A negative probability makes log p_c, hence the loss, NaN (the CPU backend rejects it first).
+template <typename acc_t>
+struct DistillationRow {
+  acc_t temperature;      // τ
+  acc_t inv_temperature;  // 1 / τ
+  acc_t student_lse;      // lse_s
+  acc_t teacher_lse;      // lse_t (teacher logits only)
+  acc_t target_mass;      // m = Σ_c p_c
+};
+
+// max_* are the row maxima of z / τ and t / τ, sum_exp_* the Σ exp(· / τ - max_*): lse = max + log(sum_exp).
+template <typename acc_t>
+MTLFAST_HD DistillationRow<acc_t> distillation_row(acc_t temperature, acc_t student_max, acc_t student_sum_exp,
+                                                   acc_t teacher_max, acc_t teacher_sum_exp, acc_t target_mass) {
+  DistillationRow<acc_t> r;
+  r.temperature = temperature;
+  r.inv_temperature = acc_t(1) / temperature;
+  r.student_lse = student_max + std::log(student_sum_exp);
+  r.teacher_lse = teacher_max + std::log(teacher_sum_exp);
+  r.target_mass = target_mass;
+  return r;
+}
+
+// One class of a row: z the student logit, y the target entry (teacher logit or probability). The loss returned
+// already carries the factor τ², the gradient the factor τ (not yet divided by the denominator).
+template <typename acc_t>
+MTLFAST_HD LossAndGrad<acc_t> distillation_element(const DistillationRow<acc_t>& row, bool targets_are_logits,
+                                                   acc_t z, acc_t y) {
+  const acc_t log_q = z * row.inv_temperature - row.student_lse;
+  const acc_t log_p = targets_are_logits ? y * row.inv_temperature - row.teacher_lse : std::log(y);
+  const acc_t p = targets_are_logits ? std::exp(log_p) : y;
+  LossAndGrad<acc_t> r;
+  // p == 0 (a probability of 0, a teacher logit of -inf, or exp underflow): 0 · log 0 = 0, whatever log q is.
+  r.loss = p == acc_t(0) ? acc_t(0) : row.temperature * row.temperature * p * (log_p - log_q);
+  r.grad = row.temperature * (row.target_mass * std::exp(log_q) - p);
+  return r;
 }
 
 // 1 / denominator, or 0 for a task with no valid entry (it then contributes 0 and gets zero gradient).

@@ -43,4 +43,8 @@ at::ScalarType accumulation_dtype(at::ScalarType input_dtype);
 // Raises IndexError naming the task, the offending value and its row.
 void check_class_targets_in_range_cpu(const TaskTable& table, at::TensorList targets);
 
+// CPU only, like the class index check: every entry of a distillation task's probability targets is NaN (the row
+// is missing) or a finite non-negative number. Raises ValueError naming the task, the value, its row and class.
+void check_distillation_targets_cpu(const TaskTable& table, at::TensorList targets);
+
 }  // namespace mtlfast
