@@ -1,4 +1,4 @@
-"""Command line: ``python -m mtlfast info | bench``."""
+"""Command line: ``python -m mtlfast demo | bench | info``."""
 
 from __future__ import annotations
 
@@ -29,16 +29,36 @@ def _info(_: argparse.Namespace) -> int:
     return 0
 
 
+def _bench(argv: list[str]) -> int:
+    """The op benchmark with the given arguments, then the training-step benchmark on the same device/threads."""
+    status = subprocess.call([sys.executable, "-m", "benchmarks.bench_op", *argv])
+    if status != 0 or "-h" in argv or "--help" in argv:
+        return status
+    shared = argparse.ArgumentParser(add_help=False)
+    shared.add_argument("--device")
+    shared.add_argument("--threads")
+    known, _ = shared.parse_known_args(argv)
+    forwarded = [arg for key in ("device", "threads") if getattr(known, key) for arg in (f"--{key}", getattr(known, key))]
+    return subprocess.call([sys.executable, "-m", "benchmarks.bench_train", *forwarded])
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    # Everything after "demo" / "bench" belongs to that command's own parser (argparse.REMAINDER would refuse a
+    # leading "--device").
+    if argv[:1] == ["demo"]:
+        from mtlfast import demo
+
+        return demo.main(argv[1:])
     if argv[:1] == ["bench"]:
-        # Everything after "bench" belongs to the benchmark's own parser (argparse.REMAINDER would refuse a
-        # leading "--device").
-        return subprocess.call([sys.executable, "-m", "benchmarks.bench_op", *argv[1:]])
+        return _bench(argv[1:])
     parser = argparse.ArgumentParser(prog="mtlfast", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("info", help="which backend runs the fused op, and why").set_defaults(run=_info)
-    commands.add_parser("bench", help="run the op benchmark (benchmarks/bench_op.py; arguments pass through)")
+    commands.add_parser("demo", help="train fused vs plain-PyTorch multi-task models; metrics, speedup, plot "
+                        "(mtlfast/demo.py; --help for options)")
+    commands.add_parser("bench", help="run the benchmark suite: op level (benchmarks/bench_op.py, arguments pass "
+                        "through) then training-step level (benchmarks/bench_train.py)")
     args = parser.parse_args(argv)
     return args.run(args)
 
