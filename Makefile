@@ -3,16 +3,20 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 export MTLFAST_VENV := $(VENV)
 
-.PHONY: setup test bench info
+.PHONY: setup demo test bench info
 
 setup:
 	./scripts/setup.sh
+
+# The main job: fused vs plain-PyTorch multi-task models on the embedded synthetic data (ARGS="--dataset adult …").
+demo: setup
+	$(PY) -m mtlfast demo $(ARGS)
 
 test: setup
 	$(PY) -m pytest tests -q
 
 bench: setup
-	$(PY) -m mtlfast bench --device $(if $(DEVICE),$(DEVICE),cpu)
+	$(PY) -m mtlfast bench --device $(if $(DEVICE),$(DEVICE),cpu) $(ARGS)
 
 info: setup
 	$(PY) -m mtlfast info

@@ -99,8 +99,8 @@ def mlp(sizes: Sequence[int]) -> nn.Sequential:
 # The LibMTL way
 
 
-def loop_losses(heads: nn.ModuleDict, tasks: Sequence[Task], reps: Sequence[torch.Tensor], targets) -> torch.Tensor:
-    return torch.stack([task_loss(task, heads[task.name](rep), targets[task.name]) for task, rep in zip(tasks, reps)])
+def loop_losses(heads: nn.ModuleDict, tasks: Sequence[Task], reps: Sequence[torch.Tensor], targets) -> list[torch.Tensor]:
+    return [task_loss(task, heads[task.name](rep), targets[task.name]) for task, rep in zip(tasks, reps)]
 
 
 def pcgrad_vectors(grads: torch.Tensor) -> torch.Tensor:
@@ -149,11 +149,11 @@ class LibMTLHard(nn.Module):
     def step(self, x, targets, method: str) -> torch.Tensor:
         rep = self.encoder(x)
         if method == "ew":
-            losses = loop_losses(self.heads, self.tasks, [rep] * len(self.tasks), targets)
-            total = losses.sum()
+            total = sum(loop_losses(self.heads, self.tasks, [rep] * len(self.tasks), targets))
             total.backward()
             return total.detach()
-        # LibMTL rep_grad=True: one detached copy of the representation per task, T backward passes.
+        # LibMTL rep_grad=True: one detached copy of the representation per task, T backward passes (each from its
+        # own loss tensor, so a pass only walks its own head's graph).
         rep_tasks = [rep.detach().clone().requires_grad_() for _ in self.tasks]
         losses = loop_losses(self.heads, self.tasks, rep_tasks, targets)
         grads = []
@@ -166,7 +166,7 @@ class LibMTLHard(nn.Module):
         else:
             combined = min_norm_weights(grads @ grads.T) @ grads
         rep.backward(combined.view_as(rep))
-        return losses.sum().detach()
+        return sum(loss.detach() for loss in losses)
 
 
 class LibMTLMMoE(nn.Module):
@@ -188,7 +188,7 @@ class LibMTLMMoE(nn.Module):
         for gate, tower in zip(self.gates, self.towers):
             mix = torch.softmax(gate(x), dim=-1).unsqueeze(-1)
             reps.append(tower((mix * experts).sum(1)))
-        total = loop_losses(self.heads, self.tasks, reps, targets).sum()
+        total = sum(loop_losses(self.heads, self.tasks, reps, targets))
         total.backward()
         return total.detach()
 
@@ -225,7 +225,8 @@ def build_mtlfast(config: TrainConfig, tasks, encoder: nn.Module | None, batch, 
     else:
         model = mf.models.MMoE(config.in_features, tasks, num_experts=config.num_experts, expert_hidden=config.hidden,
                                tower_hidden=config.tower_hidden).to(device)
-    weighting = getattr(mf.weighting, WEIGHTING[config.method])(len(tasks)).to(device)
+    options = {"normalization": "none"} if config.method == "mgda_ub" else {}  # as the LibMTL-style baseline
+    weighting = getattr(mf.weighting, WEIGHTING[config.method])(len(tasks), **options).to(device)
     wants_grads = weighting.requires_grads
 
     def forward_backward() -> torch.Tensor:

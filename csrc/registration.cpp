@@ -49,6 +49,9 @@ TORCH_LIBRARY(mtlfast, m) {
       "Tensor grad_bias)");
   // dL_t/dh for every task from the fused pass: out[t] = grad_logits[:, seg_t] @ weight[seg_t]  -> (T, N, D).
   m.def("per_task_input_grads(Tensor grad_logits, Tensor weight, int[] col_offsets) -> Tensor");
+  // Solvers of gradient-weighting methods on the (T, T) task-gradient Gram matrix (mtlfast/weighting).
+  m.def("pcgrad_weights(Tensor gram, Tensor orders) -> Tensor");
+  m.def("min_norm_weights(Tensor gram, int iterations) -> Tensor");
 }
 
 PYBIND11_MODULE(_C, module) {
