@@ -10,6 +10,7 @@ way) are trained by :func:`mtlfast.fit` on the same batches in the same order, t
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 import sys
 import time
@@ -43,6 +44,8 @@ class Run:
     seed: int
     test_metrics: dict[str, dict[str, float]]
     step_ms: float
+    """Median training step (forward, weighting, backward, Adam step), timed interleaved with the other
+    implementation on the same batch after training."""
     train_loss: list[dict[str, float]] = field(default_factory=list)
 
 
@@ -99,8 +102,39 @@ def train(model: nn.Module, data: MultiTaskDataset, args: argparse.Namespace, se
                      weighting=weighting, device=args.device, progress=args.progress)
     test = evaluate(model, data.loader("test", 1024), device=args.device)
     metrics = {task: {name: float(value) for name, value in values.items()} for task, values in test.items()}
-    steps_per_s = statistics.median(record.steps_per_s for record in history)
-    return metrics, 1e3 / steps_per_s, [record.train_loss for record in history]
+    return metrics, [record.train_loss for record in history]
+
+
+def step_times_ms(models: dict[str, nn.Module], data: MultiTaskDataset, args: argparse.Namespace,
+                  rounds: int = 25) -> dict[str, float]:
+    """Median ms of one training step per implementation, on copies of the trained models and one batch, the
+    implementations alternating step by step (so machine noise hits both alike, unlike per-epoch wall times)."""
+    inputs, targets = next(iter(data.loader("train", args.batch_size, seed=0)))
+    steps = {}
+    for name, trained in models.items():
+        model = copy.deepcopy(trained).train()
+        weighting = build_weighting(args.weighting, model, len(data.tasks)).to(inputs.device)
+        optimizer = torch.optim.Adam(list(model.parameters()) + list(weighting.parameters()), lr=args.lr)
+        wants_grads = getattr(weighting, "requires_grads", False) and weighting.mode == "representation"
+
+        def step(model=model, weighting=weighting, optimizer=optimizer, wants_grads=wants_grads) -> None:
+            optimizer.zero_grad(set_to_none=True)
+            out = model(inputs, targets, per_task_input_grads=wants_grads) if wants_grads else model(inputs, targets)
+            weighting(out).backward()
+            optimizer.step()
+
+        steps[name] = step
+    sync = torch.cuda.synchronize if inputs.device.type == "cuda" else (lambda: None)
+    samples: dict[str, list[float]] = {name: [] for name in steps}
+    for round_index in range(rounds + 3):
+        for name, step in steps.items():
+            sync()
+            start = time.perf_counter()
+            step()
+            sync()
+            if round_index >= 3:  # warm-up rounds dropped
+                samples[name].append((time.perf_counter() - start) * 1e3)
+    return {name: statistics.median(values) for name, values in samples.items()}
 
 
 def run_demo(args: argparse.Namespace) -> list[Run]:
@@ -111,11 +145,15 @@ def run_demo(args: argparse.Namespace) -> list[Run]:
             torch.manual_seed(seed)
             ours = build_model(kind, data, args.hidden).to(args.device)
             twin = plain_twin(ours)  # identical initial weights
-            for implementation, model in (("mtlfast", ours), ("plain", twin)):
+            trained = {"mtlfast": ours, "plain": twin}
+            results = {}
+            for implementation, model in trained.items():
                 print(f"== {kind} / {implementation} / seed {seed}", file=sys.stderr, flush=True)
                 torch.manual_seed(seed)  # same dropout / random weighting draws for both
-                metrics, step_ms, losses = train(model, data, args, seed)
-                runs.append(Run(kind, implementation, seed, metrics, step_ms, losses))
+                results[implementation] = train(model, data, args, seed)
+            times = step_times_ms(trained, data, args)
+            for implementation, (metrics, losses) in results.items():
+                runs.append(Run(kind, implementation, seed, metrics, times[implementation], losses))
     return runs
 
 
