@@ -64,6 +64,17 @@ def _(grad_logits, weight, col_offsets):
     return grad_logits.new_empty(len(col_offsets) - 1, grad_logits.shape[0], weight.shape[1])
 
 
+if _extension.HAS_C:  # compiled only: without the extension mtlfast.weighting runs these solvers as PyTorch ops
+
+    @torch.library.register_fake("mtlfast::pcgrad_weights")
+    def _(gram, orders):
+        return gram.new_empty(gram.shape[0])
+
+    @torch.library.register_fake("mtlfast::min_norm_weights")
+    def _(gram, iterations):
+        return gram.new_empty(gram.shape[0])
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Autograd: the forward hands the backward the logit gradient of every task (or, chunked, the per-task input
 # gradients); the backward only applies the per-task coefficients c = dTotal/dL that autograd delivers.

@@ -15,16 +15,6 @@ import torch
 
 from mtlfast import _extension
 
-if _extension.HAS_C:
-
-    @torch.library.register_fake("mtlfast::pcgrad_weights")
-    def _(gram, orders):
-        return gram.new_empty(gram.shape[0])
-
-    @torch.library.register_fake("mtlfast::min_norm_weights")
-    def _(gram, iterations):
-        return gram.new_empty(gram.shape[0])
-
 
 def _compiled_kernel(gram: torch.Tensor) -> bool:
     return _extension.why_not_fast(gram.device) is None and gram.dtype in (torch.float32, torch.float64)
