@@ -55,21 +55,24 @@ def task_loss(task: Task, logits: torch.Tensor, target: torch.Tensor) -> torch.T
             logits, target, weight=weights, ignore_index=task.ignored_class, label_smoothing=task.param
         )
     valid = ~torch.isnan(target)
-    filled = torch.where(valid, target, torch.zeros_like(target))
+    return _masked_mean(elementwise_loss(task, logits, torch.where(valid, target, torch.zeros_like(target))), valid)
+
+
+def elementwise_loss(task: Task, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Unreduced ``F.*`` loss of a BCE / regression task on complete targets (missing entries already filled)."""
+    kind = task.kind
     if kind == LossKind.BCE:
         pos_weight = task.column_weights()
         if pos_weight is not None:
             pos_weight = pos_weight.to(device=logits.device, dtype=logits.dtype)
-        elements = F.binary_cross_entropy_with_logits(logits, filled, pos_weight=pos_weight, reduction="none")
-    elif kind == LossKind.MSE:
-        elements = F.mse_loss(logits, filled, reduction="none")
-    elif kind == LossKind.L1:
-        elements = F.l1_loss(logits, filled, reduction="none")
-    elif kind == LossKind.HUBER:
-        elements = F.huber_loss(logits, filled, reduction="none", delta=task.param)
-    else:
-        raise NotImplementedError(f"task {task.name!r}: no reference for loss kind {kind!r}")
-    return _masked_mean(elements, valid)
+        return F.binary_cross_entropy_with_logits(logits, target, pos_weight=pos_weight, reduction="none")
+    if kind == LossKind.MSE:
+        return F.mse_loss(logits, target, reduction="none")
+    if kind == LossKind.L1:
+        return F.l1_loss(logits, target, reduction="none")
+    if kind == LossKind.HUBER:
+        return F.huber_loss(logits, target, reduction="none", delta=task.param)
+    raise NotImplementedError(f"mtlfast: task {task.name!r}: no reference for loss kind {kind!r}")
 
 
 def reference_multi_task_loss(

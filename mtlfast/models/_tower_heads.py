@@ -14,7 +14,6 @@ experts and towers feeding them); in exchange every head and loss stays in the s
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 
 import torch
 from torch import nn
@@ -65,14 +64,7 @@ class TowerHeads(MultiTaskHeads):
         """Losses of the tasks with a target in ``targets`` (mapping task name → target; absent tasks skipped)."""
         if per_task_input_grads:
             raise ValueError("mtlfast: per-task tower heads have no shared input to take per-task gradients against")
-        if not isinstance(targets, Mapping):
-            raise TypeError("mtlfast: targets must be a mapping task name → tensor")
-        unknown = sorted(set(targets) - set(self.task_names))
-        if unknown:
-            raise KeyError(f"mtlfast: targets given for unknown tasks {unknown}; tasks are {list(self.task_names)}")
-        present = [(name, targets.get(name) is not None) for name in self.task_names]
-        if not any(here for _, here in present):
-            raise ValueError(f"mtlfast: no targets given for any task of {list(self.task_names)}")
+        present = self._present_tasks(targets)
         h_cat, block_diagonal = self._concatenated(z)
         group = self._group
         out = multi_task_loss(

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mtlfast._reference import elementwise_loss
 from mtlfast.models.hard_sharing import HardSharing
 from mtlfast.models.mmoe import MMoE
 from mtlfast.nn.heads import MultiTaskOutput
@@ -32,19 +33,7 @@ def plain_task_loss(task: Task, logits: torch.Tensor, target: torch.Tensor) -> t
     if not task.target_has_class_dim:
         logits = logits.squeeze(-1)
     valid = ~torch.isnan(target)
-    filled = torch.where(valid, target, torch.zeros_like(target))
-    if kind == LossKind.BCE:
-        pos_weight = task.column_weights()
-        elements = F.binary_cross_entropy_with_logits(
-            logits, filled, reduction="none", pos_weight=None if pos_weight is None else pos_weight.to(logits))
-    elif kind == LossKind.MSE:
-        elements = F.mse_loss(logits, filled, reduction="none")
-    elif kind == LossKind.L1:
-        elements = F.l1_loss(logits, filled, reduction="none")
-    elif kind == LossKind.HUBER:
-        elements = F.huber_loss(logits, filled, reduction="none", delta=task.param)
-    else:
-        raise NotImplementedError(f"mtlfast: task {task.name!r}: no plain-PyTorch loss for {kind.name}")
+    elements = elementwise_loss(task, logits, torch.where(valid, target, torch.zeros_like(target)))
     return (elements * valid).sum() / valid.sum().clamp_min(1)
 
 

@@ -240,14 +240,7 @@ class MultiTaskHeads(nn.Module):
 
         ``h`` is (..., D) or a mapping input name → (..., D_input); targets follow the batch shape of their input.
         """
-        if not isinstance(targets, Mapping):
-            raise TypeError("mtlfast: MultiTaskHeads targets must be a mapping task name → tensor")
-        unknown = sorted(set(targets) - set(self.task_names))
-        if unknown:
-            raise KeyError(f"mtlfast: targets given for unknown tasks {unknown}; tasks are {list(self.task_names)}")
-        present = [(name, targets.get(name) is not None) for name in self.task_names]
-        if not any(here for _, here in present):
-            raise ValueError(f"mtlfast: no targets given for any task of {list(self.task_names)}")
+        present = self._present_tasks(targets)
         representations = self._inputs_of(h)
         loss_vectors, logits, input_grads, grad_groups = [], {}, {}, []
         single_group = len(self.packed) == 1
@@ -281,6 +274,18 @@ class MultiTaskHeads(nn.Module):
             input_grads=input_grads if per_task_input_grads else None,
             input_grad_groups=grad_groups if per_task_input_grads else None,
         )
+
+    def _present_tasks(self, targets: Targets) -> list[tuple[str, bool]]:
+        """(name, has a target) per task, in task order, after checking ``targets`` names only known tasks."""
+        if not isinstance(targets, Mapping):
+            raise TypeError("mtlfast: MultiTaskHeads targets must be a mapping task name → tensor")
+        unknown = sorted(set(targets) - set(self.task_names))
+        if unknown:
+            raise KeyError(f"mtlfast: targets given for unknown tasks {unknown}; tasks are {list(self.task_names)}")
+        present = [(name, targets.get(name) is not None) for name in self.task_names]
+        if not any(here for _, here in present):
+            raise ValueError(f"mtlfast: no targets given for any task of {list(self.task_names)}")
+        return present
 
     @torch.no_grad()
     def predict(self, h: torch.Tensor | Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

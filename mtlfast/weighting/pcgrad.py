@@ -9,7 +9,7 @@ from torch import nn
 
 from mtlfast.weighting import _solvers
 from mtlfast.weighting.base import GradientMode, GradientWeighting
-from mtlfast.weighting.rlw import _MASK32, _hash32, _key_of
+from mtlfast.weighting._counter_rng import _MASK32, _hash32, _key_of
 
 
 def pcgrad_task_orders(rng_key: torch.Tensor | int, step: torch.Tensor | int, num_tasks: int,

@@ -6,38 +6,11 @@ from typing import Literal
 
 import torch
 
+from mtlfast.weighting._counter_rng import _MASK32, _hash32, _key_of
 from mtlfast.weighting.base import LossWeighting
 
 Distribution = Literal["normal", "uniform", "dirichlet", "one_hot"]
 _DISTRIBUTIONS = ("normal", "uniform", "dirichlet", "one_hot")
-
-_MASK32 = 0xFFFFFFFF
-
-
-def _mul32(x: torch.Tensor, constant: int) -> torch.Tensor:
-    """``x·constant mod 2³²`` for int64 tensors holding values in [0, 2³²), without ever leaving the int64 range
-    (a plain 32×32-bit product can reach 2⁶⁴ and signed overflow is not something to rely on across backends)."""
-    low, high = constant & 0xFFFF, constant >> 16
-    return (x * low + (((x * high) & 0xFFFF) << 16)) & _MASK32
-
-
-def _hash32(x: torch.Tensor) -> torch.Tensor:
-    """A bijective 32-bit integer hash with strong avalanche ("lowbias32", C. Wellons' hash-prospector).
-    Inputs and outputs are int64 tensors in [0, 2³²), so every right shift is a logical one."""
-    x = x ^ (x >> 16)
-    x = _mul32(x, 0x7FEB352D)
-    x = x ^ (x >> 15)
-    x = _mul32(x, 0x846CA68B)
-    return x ^ (x >> 16)
-
-
-def _key_of(seed: int) -> int:
-    """The 32-bit stream key of a seed (any Python int), computed once at construction."""
-    seed &= (1 << 64) - 1
-    low = torch.tensor(seed & _MASK32, dtype=torch.long)
-    high = torch.tensor(seed >> 32, dtype=torch.long)
-    return int(_hash32(_hash32(high) ^ low ^ 0x5BD1E995))
-
 
 def _uniforms(step: torch.Tensor, key: torch.Tensor, streams: int, num_tasks: int) -> torch.Tensor:
     """(streams, num_tasks) float32 uniforms in (0, 1) for counter ``step`` (int64 scalar tensors in, device kept)."""
