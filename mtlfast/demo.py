@@ -172,7 +172,7 @@ def report(runs: list[Run], args: argparse.Namespace) -> str:
         ours_ms = statistics.median(r.step_ms for r in mine)
         theirs_ms = statistics.median(r.step_ms for r in plain)
         lines.append(f"### {kind}: step {ours_ms:.2f} ms (mtlfast) vs {theirs_ms:.2f} ms (plain PyTorch) — "
-                     f"{theirs_ms / ours_ms:.2f}× faster")
+                     f"speedup {theirs_ms / ours_ms:.2f}×")
         lines += ["", "| task | metric | mtlfast | plain PyTorch |", "|---|---|---|---|"]
         for task, values in mine[0].test_metrics.items():
             for metric in values:
