@@ -316,6 +316,25 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def plot(rows: list[dict], path: Path, title: str) -> None:
+    """Bar chart of the LibMTL-style / mtlfast step-time ratio per config (skipped without matplotlib)."""
+    try:
+        from matplotlib.figure import Figure
+    except ImportError:
+        print("bench_train: matplotlib is not installed; no plot written", file=sys.stderr)
+        return
+    ratios = {row["config"]: float(row["ratio_vs_mtlfast"]) for row in rows if row["provider"] == "libmtl_style"}
+    figure = Figure(figsize=(max(6, len(ratios)), 4), layout="constrained")
+    axis = figure.subplots()
+    axis.bar(list(ratios), list(ratios.values()))
+    axis.axhline(1.0, color="gray", linewidth=0.8)
+    axis.set(title=title, ylabel="LibMTL-style time / mtlfast time")
+    axis.tick_params(axis="x", labelrotation=30)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=120)
+    print(f"plot written to {path}")
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_train", description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cpu")
@@ -324,6 +343,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--repeat", type=int, default=15)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--csv", type=Path, default=None, help="default: benchmarks/results/train_<device>.csv")
+    parser.add_argument("--plot", type=Path, default=None, help="default: benchmarks/results/train_<device>.png")
     return parser.parse_args(argv)
 
 
@@ -354,6 +374,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     append_csv(path, rows)
     print(markdown(rows))
     print(f"rows appended to {path}")
+    if rows:
+        plot(rows, args.plot or path.with_suffix(".png"), f"training step, {common['device_name']}")
     return 0
 
 

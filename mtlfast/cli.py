@@ -31,7 +31,11 @@ def _info(_: argparse.Namespace) -> int:
 
 def _bench(argv: list[str]) -> int:
     """The op benchmark with the given arguments, then the training-step benchmark on the same device/threads."""
-    status = subprocess.call([sys.executable, "-m", "benchmarks.bench_op", *argv])
+    op_args = list(argv)
+    if "--plot" not in op_args and "-h" not in op_args and "--help" not in op_args:
+        device = "cuda" if "cuda" in " ".join(op_args) else "cpu"
+        op_args += ["--plot", f"benchmarks/results/op_{device}.png"]
+    status = subprocess.call([sys.executable, "-m", "benchmarks.bench_op", *op_args])
     if status != 0 or "-h" in argv or "--help" in argv:
         return status
     shared = argparse.ArgumentParser(add_help=False)

@@ -69,3 +69,18 @@ def test_fallback_in_subprocess_matches_reference():
     if result.returncode != 0:
         pytest.fail(f"fallback subprocess failed (rc={result.returncode}):\n{result.stdout}\n{result.stderr}")
     assert "FALLBACK-OK 18" in result.stdout, result.stdout
+
+
+def test_layers_above_the_op_on_the_fallback():
+    """Weighting methods (their solvers then run as PyTorch ops), the training loop and the plain twins with the
+    extension disabled: the same test files, in a subprocess (compile tests are covered with the extension)."""
+    env = dict(os.environ)
+    env["MTLFAST_DISABLE_EXTENSION"] = "1"
+    files = ["tests/test_weighting_grad.py", "tests/test_fit.py", "tests/test_plain_models.py"]
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", *files, "-q", "-p", "no:cacheprovider", "-k", "not compile"],
+        env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600,
+    )
+    tail = "\n".join(result.stdout.splitlines()[-15:])
+    assert result.returncode == 0, f"fallback run failed (rc={result.returncode}):\n{tail}\n{result.stderr[-2000:]}"
+    assert " passed" in tail and "failed" not in tail, tail
