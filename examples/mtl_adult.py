@@ -48,15 +48,9 @@ from torch import nn
 
 import mtlfast as mf
 from mtlfast.data import MultiTaskDataset, Split
+from mtlfast.demo import MODELS, WEIGHTINGS, build_weighting  # the demo's --models / --weighting choices
 from mtlfast.training import delta_m, evaluate
 
-# --weighting name → class in mf.weighting
-WEIGHTINGS = {
-    "ew": "EqualWeighting", "uncertainty": "UncertaintyWeighting", "dwa": "DWA", "rlw": "RLW", "gls": "GLS",
-    "pcgrad": "PCGrad", "mgda_ub": "MGDAUB", "cagrad": "CAGrad", "imtl_g": "IMTLG", "gradnorm": "GradNorm",
-    "nash_mtl": "NashMTL",
-}
-MODELS = ("hard", "mmoe")
 METRICS = ("auroc", "accuracy")  # what the table shows per task; Δm uses both of them
 
 
@@ -70,17 +64,6 @@ def build_model(kind: str, in_features: int, tasks: Sequence[mf.Task], hidden: i
         return mf.models.MMoE(in_features, tasks, num_experts=8, expert_hidden=(hidden // 2,),
                               tower_hidden=(hidden // 4,))
     raise ValueError(f"mtlfast: unknown model {kind!r}; expected one of {MODELS}")
-
-
-def build_weighting(name: str, model: nn.Module, num_tasks: int) -> mf.weighting.Weighting:
-    """The ``--weighting`` method for ``model``: gradient methods in representation mode where the model has one
-    shared representation (hard sharing), else w.r.t. the experts' parameters (MMoE)."""
-    if name not in WEIGHTINGS:
-        raise ValueError(f"mtlfast: unknown weighting {name!r}; expected one of {sorted(WEIGHTINGS)}")
-    method = getattr(mf.weighting, WEIGHTINGS[name])
-    if not method.requires_grads or getattr(model, "shares_representation", True):
-        return method(num_tasks)
-    return method(num_tasks, mode="parameters", shared_parameters=list(model.expert_parameters()))
 
 
 # -- data --------------------------------------------------------------------------------------------------------------
