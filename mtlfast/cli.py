@@ -31,6 +31,12 @@ def _info(_: argparse.Namespace) -> int:
 
 def _bench(argv: list[str]) -> int:
     """The op benchmark with the given arguments, then the training-step benchmark on the same device/threads."""
+    import importlib.util
+
+    if importlib.util.find_spec("benchmarks") is None:  # the suite lives in the repository, not in the wheel
+        print("mtlfast bench: the benchmark suite is in the repository's benchmarks/ folder; run this from the root "
+              "of a clone (make bench)", file=sys.stderr)
+        return 2
     op_args = list(argv)
     if "--plot" not in op_args and "-h" not in op_args and "--help" not in op_args:
         device = "cuda" if "cuda" in " ".join(op_args) else "cpu"
