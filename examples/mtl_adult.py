@@ -48,7 +48,7 @@ from torch import nn
 
 import mtlfast as mf
 from mtlfast.data import MultiTaskDataset, Split
-from mtlfast.demo import MODELS, WEIGHTINGS, build_weighting  # the demo's --models / --weighting choices
+from mtlfast.demo import MODELS, WEIGHTINGS, build_weighting, model_list  # the demo's --models / --weighting choices
 from mtlfast.training import delta_m, evaluate
 
 METRICS = ("auroc", "accuracy")  # what the table shows per task; Δm uses both of them
@@ -181,10 +181,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--progress", action="store_true", help="a tqdm bar per epoch")
     args = parser.parse_args(argv)
-    args.models = [m for m in args.models.split(",") if m]
-    unknown = sorted(set(args.models) - set(MODELS))
-    if unknown:
-        parser.error(f"unknown models {unknown}; choose from {MODELS}")
+    args.models = model_list(parser, args.models)
     if "adult" not in mf.data.available():
         parser.error(f"the Adult data is not installed: {mf.data.install_hint('adult')}")
     return args

@@ -210,6 +210,15 @@ def plot(runs: list[Run], args: argparse.Namespace, path: Path) -> None:
     print(f"plot written to {path}")
 
 
+def model_list(parser: argparse.ArgumentParser, text: str) -> list[str]:
+    """``--models a,b`` as a list, each one of :data:`MODELS` (else a usage error)."""
+    models = [m for m in text.split(",") if m]
+    unknown = sorted(set(models) - set(MODELS))
+    if unknown:
+        parser.error(f"unknown models {unknown}; choose from {MODELS}")
+    return models
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m mtlfast demo", description=__doc__.split("\n\n")[0])
     parser.add_argument("--dataset", default="synthetic", choices=mf.data.DATASETS,
@@ -228,10 +237,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--plot", type=Path, default=Path("mtlfast_demo.png"))
     parser.add_argument("--no-progress", dest="progress", action="store_false")
     args = parser.parse_args(argv)
-    args.models = [m for m in args.models.split(",") if m]
-    unknown = sorted(set(args.models) - set(MODELS))
-    if unknown:
-        parser.error(f"unknown models {unknown}; choose from {MODELS}")
+    args.models = model_list(parser, args.models)
     if args.dataset not in mf.data.available():
         parser.error(f"dataset {args.dataset!r} is not installed: {mf.data.install_hint(args.dataset)}")
     return args

@@ -93,13 +93,10 @@ class GradNorm(GradientWeighting):
         return ((norms - target).abs() * active).sum()
 
     def combine(self, losses: torch.Tensor, gram: torch.Tensor | None) -> torch.Tensor:
-        if gram is None or gram.shape != (self.num_tasks, self.num_tasks):
-            raise ValueError(f"mtlfast: GradNorm needs a ({self.num_tasks}, {self.num_tasks}) Gram matrix")
-        dtype = torch.float64 if gram.dtype == torch.float64 else torch.float32
-        weights = self.weights_from_gram(gram.detach().to(dtype), losses.detach().to(dtype))
-        self._record(weights)
-        balance = self.gradnorm_loss(gram, losses)
-        return (weights.to(losses.dtype) * losses).sum() + balance.to(losses.dtype)
+        # The base class checks the Gram matrix and applies the (detached) learned weights; θ learns only from
+        # the GradNorm loss added here.
+        weighted = super().combine(losses, gram)
+        return weighted + self.gradnorm_loss(gram, losses).to(losses.dtype)
 
     def extra_repr(self) -> str:
         return f"num_tasks={self.num_tasks}, mode={self.mode!r}, alpha={self.alpha}"
