@@ -32,23 +32,27 @@ def _info(_: argparse.Namespace) -> int:
 def _bench(argv: list[str]) -> int:
     """The op benchmark with the given arguments, then the training-step benchmark on the same device/threads."""
     import importlib.util
+    from pathlib import Path
 
-    if importlib.util.find_spec("benchmarks") is None:  # the suite lives in the repository, not in the wheel
+    spec = importlib.util.find_spec("benchmarks")
+    if spec is None:  # the suite lives in the repository, not in the wheel
         print("mtlfast bench: the benchmark suite is in the repository's benchmarks/ folder; run this from the root "
               "of a clone (make bench)", file=sys.stderr)
         return 2
-    op_args = list(argv)
-    if "--plot" not in op_args and "-h" not in op_args and "--help" not in op_args:
-        device = "cuda" if "cuda" in " ".join(op_args) else "cpu"
-        op_args += ["--plot", f"benchmarks/results/op_{device}.png"]
-    status = subprocess.call([sys.executable, "-m", "benchmarks.bench_op", *op_args])
-    if status != 0 or "-h" in argv or "--help" in argv:
-        return status
+    wants_help = "-h" in argv or "--help" in argv
     shared = argparse.ArgumentParser(add_help=False)
-    shared.add_argument("--device")
+    shared.add_argument("--device", default="cpu")
     shared.add_argument("--threads")
+    shared.add_argument("--plot")
     known, _ = shared.parse_known_args(argv)
-    forwarded = [arg for key in ("device", "threads") if getattr(known, key) for arg in (f"--{key}", getattr(known, key))]
+    op_args = list(argv)
+    if known.plot is None and not wants_help:  # next to the CSVs, wherever this is run from
+        results = Path(next(iter(spec.submodule_search_locations))) / "results"
+        op_args += ["--plot", str(results / f"op_{torch.device(known.device).type}.png")]
+    status = subprocess.call([sys.executable, "-m", "benchmarks.bench_op", *op_args])
+    if status != 0 or wants_help:
+        return status
+    forwarded = ["--device", known.device] + (["--threads", known.threads] if known.threads else [])
     return subprocess.call([sys.executable, "-m", "benchmarks.bench_train", *forwarded])
 
 
