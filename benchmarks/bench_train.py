@@ -31,7 +31,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import mtlfast as mf
@@ -198,12 +197,13 @@ class LibMTLMMoE(nn.Module):
 
 
 @dataclass
-class Built:
-    step: Step
-    encoder_grad: Callable[[], torch.Tensor | None]
+class ModelStep(Step):
+    """A training step that keeps its model, for the equivalence check."""
+
+    model: nn.Module | None = None
 
 
-def _sgd_step(model: nn.Module, forward_backward: Callable[[], torch.Tensor], lr: float = 1e-3) -> Step:
+def _sgd_step(model: nn.Module, forward_backward: Callable[[], torch.Tensor], lr: float = 1e-3) -> ModelStep:
     optimizer = torch.optim.SGD(model.parameters(), lr=lr)
 
     def run() -> torch.Tensor:
@@ -212,13 +212,13 @@ def _sgd_step(model: nn.Module, forward_backward: Callable[[], torch.Tensor], lr
         optimizer.step()
         return loss
 
-    return Step(run, [], None)
+    return ModelStep(run, [], None, model=model)
 
 
 WEIGHTING = {"ew": "EqualWeighting", "pcgrad": "PCGrad", "mgda_ub": "MGDAUB"}
 
 
-def build_mtlfast(config: TrainConfig, tasks, encoder: nn.Module | None, batch, device) -> Step:
+def build_mtlfast(config: TrainConfig, tasks, encoder: nn.Module | None, batch, device) -> ModelStep:
     x, targets = batch
     if config.arch == "hard":
         model = mf.models.HardSharing(copy.deepcopy(encoder), tasks, in_features=config.hidden[-1]).to(device)
@@ -235,12 +235,10 @@ def build_mtlfast(config: TrainConfig, tasks, encoder: nn.Module | None, batch, 
         total.backward()
         return out.loss_vector.detach().sum()
 
-    step = _sgd_step(model, forward_backward)
-    step.model = model  # type: ignore[attr-defined]
-    return step
+    return _sgd_step(model, forward_backward)
 
 
-def build_libmtl(config: TrainConfig, tasks, encoder: nn.Module | None, batch, device, heads_state=None) -> Step:
+def build_libmtl(config: TrainConfig, tasks, encoder: nn.Module | None, batch, device, heads_state=None) -> ModelStep:
     x, targets = batch
     if config.arch == "hard":
         heads = nn.ModuleDict({t.name: nn.Linear(config.hidden[-1], t.num_outputs) for t in tasks})
@@ -249,24 +247,22 @@ def build_libmtl(config: TrainConfig, tasks, encoder: nn.Module | None, batch, d
         model = LibMTLHard(copy.deepcopy(encoder), heads, tasks).to(device)
     else:
         model = LibMTLMMoE(config, tasks).to(device)
-    step = _sgd_step(model, lambda: model.step(x, targets, config.method))
-    step.model = model  # type: ignore[attr-defined]
-    return step
+    return _sgd_step(model, lambda: model.step(x, targets, config.method))
 
 
-def check_equivalence(config: TrainConfig, steps: dict[str, Step]) -> str:
+def check_equivalence(config: TrainConfig, steps: dict[str, ModelStep]) -> str:
     """Same weights, same batch: the first step's encoder gradients must agree (deterministic methods only)."""
     if config.arch != "hard" or config.method == "pcgrad":
         return "not compared (different random order / different initialisation)"
     grads = {}
     for name, step in steps.items():
-        model = step.model  # type: ignore[attr-defined]
-        optimizer_free = [p for p in model.encoder.parameters()]
+        model = step.model
+        encoder_params = list(model.encoder.parameters())
         for p in model.parameters():
             p.grad = None
         snapshot = [p.detach().clone() for p in model.parameters()]
         step.run()
-        grads[name] = torch.cat([p.grad.flatten() for p in optimizer_free])
+        grads[name] = torch.cat([p.grad.flatten() for p in encoder_params])
         with torch.no_grad():
             for p, s in zip(model.parameters(), snapshot):
                 p.copy_(s)
@@ -287,8 +283,8 @@ def bench(config: TrainConfig, device: torch.device, warmup: int, repeat: int) -
     generator = torch.Generator().manual_seed(0)
     batch = make_batch(tasks, config, device, generator)
     encoder = mlp([config.in_features, *config.hidden]) if config.arch == "hard" else None
-    steps: dict[str, Step] = {"mtlfast": build_mtlfast(config, tasks, encoder, batch, device)}
-    heads_state = steps["mtlfast"].model.heads.state_dict() if config.arch == "hard" else None  # type: ignore[attr-defined]
+    steps: dict[str, ModelStep] = {"mtlfast": build_mtlfast(config, tasks, encoder, batch, device)}
+    heads_state = steps["mtlfast"].model.heads.state_dict() if config.arch == "hard" else None
     steps["libmtl_style"] = build_libmtl(config, tasks, encoder, batch, device, heads_state)
     note = check_equivalence(config, steps)
     samples = time_interleaved(steps, device, warmup, repeat)
