@@ -26,6 +26,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset, IterableDataset
 
+from mtlfast.training._batches import to_device  # the same nested move fit uses
 from mtlfast.transfer._modes import evaluating, floating_device_dtype
 from mtlfast.transfer.pooling import Pool, check_pool, describe_pool, pool, select_output
 
@@ -138,7 +139,7 @@ def extract_features(
     with evaluating(backbone):
         for batch in _progress(loader, progress):
             inputs, batch_targets = split(batch)
-            out = represent(_move(inputs, run_device))
+            out = represent(to_device(inputs, run_device))
             features.append(_apply(out, lambda t: t.detach().to(storage_device)))
             targets.append(_apply(_as_tensors(batch_targets), lambda t: t.to(storage_device)))
     if not features:
@@ -254,16 +255,6 @@ def _as_tensor(value: Any, name: str) -> torch.Tensor:
         return torch.as_tensor(value)
     except (TypeError, ValueError, RuntimeError):
         raise TypeError(f"mtlfast: target {name!r} of type {type(value).__name__} cannot be stored as a tensor") from None
-
-
-def _move(inputs: Any, device: torch.device) -> Any:
-    if isinstance(inputs, torch.Tensor):
-        return inputs.to(device, non_blocking=True)
-    if isinstance(inputs, Mapping):
-        return {k: _move(v, device) for k, v in inputs.items()}
-    if isinstance(inputs, (tuple, list)):
-        return type(inputs)(_move(v, device) for v in inputs)
-    return inputs
 
 
 def _apply(value: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
