@@ -48,20 +48,22 @@ def test_plain_twin_matches_losses_logits_and_gradients(index):
     for kind in ("weight", "bias"):
         packed = getattr(group, kind).grad
         twin_heads = [theirs_grads[f"heads.{name}.{kind}"] for name in model.task_names]
-        expected = torch.cat([torch.zeros_like(p) if p.grad is None else p.grad for p in twin_heads])  # absent: none
+        expected = torch.cat([_grad(p) for p in twin_heads])
         torch.testing.assert_close(packed, expected)
     body = [p for n, p in model.named_parameters() if not n.startswith("heads.")]
     twin_body = [p for n, p in twin.named_parameters() if not n.startswith("heads.")]
     # same number of body parameters (experts / gates / towers unstacked) and the same total gradient mass
     assert sum(p.numel() for p in body) == sum(p.numel() for p in twin_body)
-    def grad(p):  # the twin leaves .grad None where an absent task's tower got no gradient
-        return torch.zeros_like(p) if p.grad is None else p.grad
-
-    torch.testing.assert_close(sum(grad(p).abs().sum() for p in body), sum(grad(p).abs().sum() for p in twin_body))
-    torch.testing.assert_close(sum(grad(p).sum() for p in body), sum(grad(p).sum() for p in twin_body))
+    torch.testing.assert_close(sum(_grad(p).abs().sum() for p in body), sum(_grad(p).abs().sum() for p in twin_body))
+    torch.testing.assert_close(sum(_grad(p).sum() for p in body), sum(_grad(p).sum() for p in twin_body))
     logits_ours, logits_theirs = model.predict(x), twin.predict(x)
     for name in model.task_names:
         torch.testing.assert_close(logits_ours[name], logits_theirs[name])
+
+
+def _grad(p: torch.Tensor) -> torch.Tensor:
+    """The twin leaves .grad None where an absent task's head or tower got no gradient; mtlfast has zeros there."""
+    return torch.zeros_like(p) if p.grad is None else p.grad
 
 
 def test_plain_twin_rejects_unknown_models():
