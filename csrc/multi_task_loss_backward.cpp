@@ -1,21 +1,20 @@
 // Backward ops of the fused multi-task loss. They are compositions of ATen calls (GEMMs through MKL / cuBLAS
-// plus work the size of the head weights), so one CompositeExplicitAutograd implementation serves every device.
+// plus work the size of the head weights), so one CompositeExplicitAutograd implementation serves every device
+// without a kernel of its own (the CPU has one: csrc/cpu/multi_task_loss_backward_cpu.cpp).
 //
-// The per-task coefficient c_t = dTotal/dL_t arrives as grad_losses; the forward already divided each task's
-// logit gradient by its denominator, so dz = grad_logits · c[col_task]. Scaling the (S, D) weights instead of the
-// (N, S) gradient keeps the backward at two GEMMs with no pass over the logits:
+// The per-task coefficients c_t = dTotal·λ_t + dL_t come from task_coefficients (csrc/task_table.cpp); the forward
+// already divided each task's logit gradient by its denominator, so dz = grad_logits · c[col_task]. Scaling the
+// (S, D) weights instead of the (N, S) gradient keeps the backward at two GEMMs with no pass over the logits:
 //   dh = grad_logits @ (c[col_task] ⊙ W),   dW = c[col_task] ⊙ (grad_logitsᵀ @ h),   db = c[col_task] ⊙ Σ_rows.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
 #include <tuple>
 
+#include "mtlfast/task_table.h"
+
 namespace mtlfast {
 namespace {
-
-at::Tensor column_coefficients(const at::Tensor& grad_losses, const at::Tensor& col_task) {
-  return grad_losses.index_select(0, col_task);
-}
 
 at::Tensor column_sums(const at::Tensor& matrix) {
   // fp32 accumulation for half inputs; the result comes back in the input dtype.
@@ -24,9 +23,12 @@ at::Tensor column_sums(const at::Tensor& matrix) {
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> multi_task_loss_backward(
-    const at::Tensor& grad_losses, const c10::optional<at::Tensor>& grad_logits_output, const at::Tensor& grad_logits,
-    const at::Tensor& h, const at::Tensor& weight, const at::Tensor& col_task, bool has_bias) {
-  const at::Tensor coeff = column_coefficients(grad_losses, col_task);
+    const c10::optional<at::Tensor>& grad_total, const c10::optional<at::Tensor>& grad_losses,
+    const at::Tensor& task_weights, const c10::optional<at::Tensor>& grad_logits_output, const at::Tensor& grad_logits,
+    const at::Tensor& h_in, const at::Tensor& weight, const at::Tensor& col_task, bool has_bias) {
+  const at::Tensor h = h_in.reshape({-1, h_in.size(-1)});
+  const at::Tensor c = task_coefficients(grad_total, grad_losses, task_weights, accumulation_dtype(h.scalar_type()));
+  const at::Tensor coeff = c.index_select(0, col_task);
   at::Tensor grad_h, grad_weight, grad_bias;
   if (grad_logits_output.has_value() && grad_logits_output->defined()) {
     // The logits were used downstream too: materialise dz once and run the plain linear backward on it.
@@ -48,18 +50,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> multi_task_loss_backward(
   if (!has_bias) {
     grad_bias = at::empty({0}, h.options());
   }
-  return {grad_h, grad_weight, grad_bias};
+  return {grad_h.view(h_in.sizes()), grad_weight, grad_bias};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> multi_task_loss_chunked_backward(
-    const at::Tensor& grad_losses, const at::Tensor& grad_h_per_task, const at::Tensor& grad_weight,
+    const c10::optional<at::Tensor>& grad_total, const c10::optional<at::Tensor>& grad_losses,
+    const at::Tensor& task_weights, const at::Tensor& grad_h_per_task, const at::Tensor& grad_weight,
     const at::Tensor& grad_bias, const at::Tensor& col_task, at::ScalarType h_dtype) {
   const int64_t T = grad_h_per_task.size(0);
   const int64_t N = grad_h_per_task.size(1);
   const int64_t D = grad_h_per_task.size(2);
-  const at::Tensor c = grad_losses.to(grad_h_per_task.scalar_type());
+  const at::Tensor c = task_coefficients(grad_total, grad_losses, task_weights, grad_h_per_task.scalar_type());
   const at::Tensor grad_h = c.view({1, T}).mm(grad_h_per_task.reshape({T, N * D})).view({N, D}).to(h_dtype);
-  const at::Tensor coeff = column_coefficients(c, col_task);
+  const at::Tensor coeff = c.index_select(0, col_task);
   const at::Tensor dW = (grad_weight * coeff.unsqueeze(1)).to(h_dtype);
   const at::Tensor db = grad_bias.numel() > 0 ? (grad_bias * coeff).to(h_dtype) : at::empty({0}, grad_bias.options().dtype(h_dtype));
   return {grad_h, dW, db};

@@ -4,6 +4,8 @@
 #include <ATen/Dispatch.h>
 #include <c10/util/Exception.h>
 
+#include <c10/util/accumulate.h>
+
 #include <cmath>
 #include <sstream>
 
@@ -26,10 +28,6 @@ const char* kind_name(int64_t kind) {
   }
 }
 
-bool is_dense_kind(int64_t kind) {
-  return kind == kBCE || kind == kMSE || kind == kL1 || kind == kHuber || is_distillation(kind);
-}
-
 }  // namespace
 
 std::string TaskTable::describe(int64_t task) const {
@@ -42,29 +40,103 @@ at::ScalarType accumulation_dtype(at::ScalarType input_dtype) {
   return input_dtype == at::kDouble ? at::kDouble : at::kFloat;
 }
 
-TaskTable check_multi_task_inputs(const at::Tensor& h, const at::Tensor& weight,
-                                  const c10::optional<at::Tensor>& bias, at::TensorList targets,
-                                  const c10::optional<at::Tensor>& col_weight, const at::Tensor& col_task,
-                                  c10::IntArrayRef kinds, c10::IntArrayRef col_offsets,
-                                  c10::IntArrayRef ignore_index, c10::ArrayRef<double> params,
-                                  const std::vector<std::string>& task_names) {
+namespace {
+
+// "(4, 3)" / "(4,)": shapes as Python prints them, as the user wrote them.
+std::string shape_string(c10::IntArrayRef sizes) {
+  std::ostringstream out;
+  out << "(";
+  for (size_t i = 0; i < sizes.size(); ++i) {
+    out << (i > 0 ? ", " : "") << sizes[i];
+  }
+  out << (sizes.size() == 1 ? ",)" : ")");
+  return out.str();
+}
+
+// One task's target in the kernel layout: shape, dtype and device checked against what the task expects.
+at::Tensor prepare_target(const TaskTable& table, int64_t t, const at::Tensor& y, const at::Tensor& h,
+                          c10::IntArrayRef batch_shape, at::ScalarType acc) {
+  const int64_t kind = table.kinds[t];
+  TORCH_CHECK_TYPE(y.defined(), table.describe(t), ": target is missing (an undefined tensor)");
+  TORCH_CHECK_VALUE(y.device() == h.device(), table.describe(t), ": target is on ", y.device(), " but h is on ",
+                    h.device());
+  const bool class_dim = table.class_dims[t] != 0;
+  const c10::IntArrayRef sizes = y.sizes();
+  const bool shape_ok = class_dim ? sizes.size() == batch_shape.size() + 1 && sizes.slice(0, batch_shape.size()) == batch_shape &&
+                                        sizes.back() == table.width(t)
+                                  : sizes == batch_shape;
+  if (!shape_ok) {
+    std::vector<int64_t> expected(batch_shape.begin(), batch_shape.end());
+    if (class_dim) {
+      expected.push_back(table.width(t));
+    }
+    TORCH_CHECK_VALUE(false, table.describe(t), ": target must have shape ", shape_string(expected),
+                      " (the batch shape of h", class_dim ? ", plus the output dimension" : "", "), got ",
+                      shape_string(sizes));
+  }
+  at::ScalarType wanted = acc;
+  if (kind == kCrossEntropy) {
+    TORCH_CHECK_TYPE(!at::isFloatingType(y.scalar_type()) && !at::isComplexType(y.scalar_type()) &&
+                         y.scalar_type() != at::kBool,
+                     table.describe(t), ": targets must be integer class indices, got ", y.scalar_type());
+    TORCH_CHECK_VALUE(table.params[t] >= 0.0 && table.params[t] <= 1.0, table.describe(t),
+                      ": label_smoothing must be in [0, 1], got ", table.params[t]);
+    wanted = at::kLong;
+  } else if (is_distillation(kind)) {
+    // Teacher logits / probabilities are real-valued: integers here are most likely class indices.
+    TORCH_CHECK_TYPE(at::isFloatingType(y.scalar_type()), table.describe(t), ": targets must be floating point ",
+                     distillation_targets_are_logits(kind) ? "teacher logits" : "teacher probabilities",
+                     " of shape (..., ", table.width(t), "), got ", y.scalar_type());
+    TORCH_CHECK_VALUE(table.params[t] > 0.0 && std::isfinite(table.params[t]), table.describe(t),
+                      ": temperature must be positive and finite, got ", table.params[t]);
+  } else {
+    // bool / integer labels (0 / 1) are accepted for BCE and regression alike, and converted.
+    TORCH_CHECK_TYPE(!at::isComplexType(y.scalar_type()), table.describe(t), ": targets must be real, got ",
+                     y.scalar_type());
+    if (kind == kHuber) {
+      TORCH_CHECK_VALUE(table.params[t] > 0.0, table.describe(t), ": delta must be positive, got ",
+                        table.params[t]);
+    }
+  }
+  // A contiguous tensor of the batch shape (+ C) is already the (N,) / (N, C) row-major array the kernels read:
+  // the common case costs no ATen call (at 64 tasks, a to() and a reshape per task were ~100 us per step).
+  if (y.scalar_type() == wanted && y.is_contiguous()) {
+    return y;
+  }
+  return y.to(wanted).contiguous();
+}
+
+}  // namespace
+
+PreparedInputs prepare_multi_task_inputs(const at::Tensor& h, const at::Tensor& weight,
+                                         const c10::optional<at::Tensor>& bias, at::TensorList targets,
+                                         const at::Tensor& task_weights, const c10::optional<at::Tensor>& col_weight,
+                                         const at::Tensor& col_task, c10::IntArrayRef kinds,
+                                         c10::IntArrayRef col_offsets, c10::IntArrayRef class_dims,
+                                         c10::IntArrayRef ignore_index, c10::ArrayRef<double> params,
+                                         const std::vector<std::string>& task_names) {
   const int64_t T = static_cast<int64_t>(kinds.size());
   TORCH_CHECK_VALUE(T > 0, "mtlfast: at least one task is required");
   TORCH_CHECK_VALUE(static_cast<int64_t>(col_offsets.size()) == T + 1 &&
+                        static_cast<int64_t>(class_dims.size()) == T &&
                         static_cast<int64_t>(ignore_index.size()) == T &&
                         static_cast<int64_t>(params.size()) == T &&
                         static_cast<int64_t>(task_names.size()) == T &&
                         static_cast<int64_t>(targets.size()) == T,
                     "mtlfast: per-task lists disagree on the number of tasks (kinds ", T, ", col_offsets ",
-                    col_offsets.size(), " (expects T+1), ignore_index ", ignore_index.size(), ", params ",
-                    params.size(), ", task_names ", task_names.size(), ", targets ", targets.size(), ")");
+                    col_offsets.size(), " (expects T+1), class_dims ", class_dims.size(), ", ignore_index ",
+                    ignore_index.size(), ", params ", params.size(), ", task_names ", task_names.size(),
+                    ", targets ", targets.size(), ")");
 
-  TORCH_CHECK_VALUE(h.dim() == 2, "mtlfast: the shared input h must be 2-D (N, D), got shape ", h.sizes());
+  TORCH_CHECK_VALUE(h.dim() >= 1, "mtlfast: the shared input h must be (..., D), got a 0-dim tensor");
   TORCH_CHECK_TYPE(at::isFloatingType(h.scalar_type()), "mtlfast: h must be floating point, got ",
                    h.scalar_type());
-  TORCH_CHECK_VALUE(h.size(0) > 0, "mtlfast: empty batch (h has 0 rows)");
-  TORCH_CHECK_VALUE(weight.dim() == 2 && weight.size(1) == h.size(1),
-                    "mtlfast: packed head weight must be (S, D) with D = ", h.size(1), ", got ", weight.sizes());
+  const c10::IntArrayRef batch_shape = h.sizes().slice(0, h.dim() - 1);
+  const int64_t D = h.size(-1);
+  const int64_t N = c10::multiply_integers(batch_shape);
+  TORCH_CHECK_VALUE(N > 0, "mtlfast: empty batch (h has no rows)");
+  TORCH_CHECK_VALUE(weight.dim() == 2 && weight.size(1) == D,
+                    "mtlfast: packed head weight must be (S, D) with D = ", D, ", got ", weight.sizes());
   TORCH_CHECK_TYPE(weight.scalar_type() == h.scalar_type(), "mtlfast: head weight dtype ", weight.scalar_type(),
                    " differs from h dtype ", h.scalar_type());
   TORCH_CHECK_VALUE(weight.device() == h.device(), "mtlfast: head weight is on ", weight.device(),
@@ -78,12 +150,14 @@ TaskTable check_multi_task_inputs(const at::Tensor& h, const at::Tensor& weight,
                       h.device());
   }
 
-  TaskTable table;
-  table.rows = h.size(0);
-  table.features = h.size(1);
+  PreparedInputs prepared;
+  TaskTable& table = prepared.table;
+  table.rows = N;
+  table.features = D;
   table.columns = weight.size(0);
   table.kinds.assign(kinds.begin(), kinds.end());
   table.col_offsets.assign(col_offsets.begin(), col_offsets.end());
+  table.class_dims.assign(class_dims.begin(), class_dims.end());
   table.ignore_index.assign(ignore_index.begin(), ignore_index.end());
   table.params.assign(params.begin(), params.end());
   table.names = task_names;
@@ -91,40 +165,26 @@ TaskTable check_multi_task_inputs(const at::Tensor& h, const at::Tensor& weight,
   TORCH_CHECK_VALUE(table.col_offsets.front() == 0 && table.col_offsets.back() == table.columns,
                     "mtlfast: col_offsets must start at 0 and end at S = ", table.columns);
   const at::ScalarType acc = accumulation_dtype(h.scalar_type());
+  prepared.targets.resize(T);
   for (int64_t t = 0; t < T; ++t) {
     const int64_t kind = table.kinds[t];
     TORCH_CHECK_VALUE(kind >= kNone && kind < kNumLossKinds, "mtlfast: task '", table.names[t],
                       "': unknown loss kind ", kind);
     TORCH_CHECK_VALUE(table.width(t) > 0, table.describe(t), ": owns no head column");
-    if (kind == kNone) {
-      continue;
-    }
-    const at::Tensor& y = targets[t];
-    TORCH_CHECK_VALUE(y.device() == h.device(), table.describe(t), ": target is on ", y.device(),
-                      " but h is on ", h.device());
-    if (kind == kCrossEntropy) {
-      TORCH_CHECK_TYPE(y.scalar_type() == at::kLong, table.describe(t),
-                       ": target must hold int64 class indices, got ", y.scalar_type());
-      TORCH_CHECK_VALUE(y.dim() == 1 && y.size(0) == table.rows, table.describe(t),
-                        ": target must have shape (N,) = (", table.rows, ",), got ", y.sizes());
-      TORCH_CHECK_VALUE(table.params[t] >= 0.0 && table.params[t] <= 1.0, table.describe(t),
-                        ": label_smoothing must be in [0, 1], got ", table.params[t]);
-    } else if (is_dense_kind(kind)) {
-      TORCH_CHECK_TYPE(y.scalar_type() == acc, table.describe(t), ": target must be ", acc, " for ",
-                       h.scalar_type(), " inputs, got ", y.scalar_type());
-      TORCH_CHECK_VALUE(y.dim() == 2 && y.size(0) == table.rows && y.size(1) == table.width(t),
-                        table.describe(t), ": target must have shape (N, C) = (", table.rows, ", ",
-                        table.width(t), "), got ", y.sizes());
-      if (kind == kHuber) {
-        TORCH_CHECK_VALUE(table.params[t] > 0.0, table.describe(t), ": delta must be positive, got ",
-                          table.params[t]);
-      }
-      if (is_distillation(kind)) {
-        TORCH_CHECK_VALUE(table.params[t] > 0.0 && std::isfinite(table.params[t]), table.describe(t),
-                          ": temperature must be positive and finite, got ", table.params[t]);
-      }
+    TORCH_CHECK_VALUE(table.class_dims[t] == 0 || (table.class_dims[t] == 1 && kind != kCrossEntropy),
+                      table.describe(t), ": class_dims must be 0 or 1 (0 for class indices), got ",
+                      table.class_dims[t]);
+    if (kind != kNone) {
+      prepared.targets[t] = prepare_target(table, t, targets[t], h, batch_shape, acc);
     }
   }
+  TORCH_CHECK_VALUE(task_weights.dim() == 1 && task_weights.size(0) == T, "mtlfast: task_weights must be (T,) = (",
+                    T, ",), got ", task_weights.sizes());
+  TORCH_CHECK_TYPE(at::isFloatingType(task_weights.scalar_type()), "mtlfast: task_weights must be floating point, got ",
+                   task_weights.scalar_type());
+  TORCH_CHECK_VALUE(task_weights.device() == h.device(), "mtlfast: task_weights are on ", task_weights.device(),
+                    " but h is on ", h.device());
+  prepared.task_weights = task_weights.to(acc);
   if (col_weight.has_value()) {
     TORCH_CHECK_VALUE(col_weight->dim() == 1 && col_weight->size(0) == table.columns,
                       "mtlfast: col_weight must be (S,) = (", table.columns, ",), got ", col_weight->sizes());
@@ -136,7 +196,25 @@ TaskTable check_multi_task_inputs(const at::Tensor& h, const at::Tensor& weight,
   TORCH_CHECK_VALUE(col_task.dim() == 1 && col_task.size(0) == table.columns && col_task.scalar_type() == at::kLong &&
                         col_task.device() == h.device(),
                     "mtlfast: col_task must be an int64 (S,) tensor on ", h.device());
-  return table;
+  prepared.h = h.reshape({N, D});
+  return prepared;
+}
+
+at::Tensor weighted_total(const at::Tensor& losses, const at::Tensor& task_weights) {
+  return at::dot(losses, task_weights);
+}
+
+at::Tensor task_coefficients(const c10::optional<at::Tensor>& grad_total, const c10::optional<at::Tensor>& grad_losses,
+                             const at::Tensor& task_weights, at::ScalarType acc_dtype) {
+  at::Tensor c;
+  if (grad_total.has_value() && grad_total->defined()) {
+    c = task_weights.to(acc_dtype) * grad_total->to(acc_dtype);
+  }
+  if (grad_losses.has_value() && grad_losses->defined()) {
+    const at::Tensor g = grad_losses->to(acc_dtype);
+    c = c.defined() ? c + g : g;
+  }
+  return c.defined() ? c : at::zeros({task_weights.size(0)}, task_weights.options().dtype(acc_dtype));
 }
 
 void check_class_targets_in_range_cpu(const TaskTable& table, at::TensorList targets) {

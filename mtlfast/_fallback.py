@@ -21,23 +21,25 @@ _DENSE_KINDS = (LossKind.BCE, LossKind.MSE, LossKind.L1, LossKind.HUBER)
 # tests/test_ops.py checks that they match the C++ ones whenever the extension is built.
 SCHEMAS = {
     "multi_task_loss": (
-        "(Tensor h, Tensor weight, Tensor? bias, Tensor[] targets, Tensor? col_weight, Tensor col_task, "
-        "int[] kinds, int[] col_offsets, int[] ignore_index, float[] params, str[] task_names, "
-        "bool return_logits) -> (Tensor losses, Tensor grad_logits, Tensor logits)"
+        "(Tensor h, Tensor weight, Tensor? bias, Tensor[] targets, Tensor task_weights, Tensor? col_weight, "
+        "Tensor col_task, int[] kinds, int[] col_offsets, int[] class_dims, int[] ignore_index, float[] params, "
+        "str[] task_names, bool return_logits) -> (Tensor total, Tensor losses, Tensor grad_logits, Tensor logits)"
     ),
     "multi_task_loss_chunked": (
-        "(Tensor h, Tensor weight, Tensor? bias, Tensor[] targets, Tensor? col_weight, Tensor col_task, "
-        "int[] kinds, int[] col_offsets, int[] ignore_index, float[] params, str[] task_names, "
-        "int chunk_rows) -> (Tensor losses, Tensor grad_h_per_task, Tensor grad_weight, Tensor grad_bias)"
+        "(Tensor h, Tensor weight, Tensor? bias, Tensor[] targets, Tensor task_weights, Tensor? col_weight, "
+        "Tensor col_task, int[] kinds, int[] col_offsets, int[] class_dims, int[] ignore_index, float[] params, "
+        "str[] task_names, int chunk_rows) -> (Tensor total, Tensor losses, Tensor grad_h_per_task, "
+        "Tensor grad_weight, Tensor grad_bias)"
     ),
     "multi_task_loss_backward": (
-        "(Tensor grad_losses, Tensor? grad_logits_output, Tensor grad_logits, Tensor h, "
-        "Tensor weight, Tensor col_task, bool has_bias) -> (Tensor grad_h, Tensor grad_weight, Tensor grad_bias)"
+        "(Tensor? grad_total, Tensor? grad_losses, Tensor task_weights, Tensor? grad_logits_output, "
+        "Tensor grad_logits, Tensor h, Tensor weight, Tensor col_task, bool has_bias) -> (Tensor grad_h, "
+        "Tensor grad_weight, Tensor grad_bias)"
     ),
     "multi_task_loss_chunked_backward": (
-        "(Tensor grad_losses, Tensor grad_h_per_task, Tensor grad_weight, "
-        "Tensor grad_bias, Tensor col_task, ScalarType h_dtype) -> (Tensor grad_h, Tensor grad_weight, "
-        "Tensor grad_bias)"
+        "(Tensor? grad_total, Tensor? grad_losses, Tensor task_weights, Tensor grad_h_per_task, "
+        "Tensor grad_weight, Tensor grad_bias, Tensor col_task, ScalarType h_dtype) -> (Tensor grad_h, "
+        "Tensor grad_weight, Tensor grad_bias)"
     ),
     "per_task_input_grads": "(Tensor grad_logits, Tensor weight, int[] col_offsets) -> Tensor",
 }
@@ -225,26 +227,63 @@ _KIND_NAMES = {
 }
 
 
-def _check_inputs(h, weight, bias, targets, col_weight, col_task, kinds, col_offsets, ignore_index, params, names):
-    """The checks of csrc/task_table.cpp, with the same messages, for the pure-PyTorch ops."""
+def _prepare_target(y, where, kind, width, class_dim, param, h, batch_shape, acc):
+    """One task's target in the kernel layout, as csrc/task_table.cpp's prepare_target (same checks, messages)."""
+    if y.device != h.device:
+        raise ValueError(f"{where}: target is on {y.device} but h is on {h.device}")
+    expected = tuple(batch_shape) + ((width,) if class_dim else ())
+    if tuple(y.shape) != expected:
+        raise ValueError(
+            f"{where}: target must have shape {expected} (the batch shape of h"
+            f"{', plus the output dimension' if class_dim else ''}), got {tuple(y.shape)}"
+        )
+    if kind == LossKind.CROSS_ENTROPY:
+        if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
+            raise TypeError(f"{where}: targets must be integer class indices, got {y.dtype}")
+        if not 0.0 <= param <= 1.0:
+            raise ValueError(f"{where}: label_smoothing must be in [0, 1], got {param}")
+        y = y.to(torch.int64)
+    elif is_distillation(kind):
+        if not y.is_floating_point():
+            form = "teacher logits" if kind == LossKind.DISTILL else "teacher probabilities"
+            raise TypeError(f"{where}: targets must be floating point {form} of shape (..., {width}), got {y.dtype}")
+        if not (param > 0 and math.isfinite(param)):
+            raise ValueError(f"{where}: temperature must be positive and finite, got {param}")
+        y = y.to(acc)
+    else:
+        if y.is_complex():
+            raise TypeError(f"{where}: targets must be real, got {y.dtype}")
+        if kind == LossKind.HUBER and not param > 0:
+            raise ValueError(f"{where}: delta must be positive, got {param}")
+        y = y.to(acc)
+    rows = math.prod(batch_shape)
+    return y.reshape(rows) if kind == LossKind.CROSS_ENTROPY else y.reshape(rows, width)
+
+
+def _prepare_inputs(h, weight, bias, targets, task_weights, col_weight, col_task, kinds, col_offsets, class_dims,
+                    ignore_index, params, names):
+    """The checks and conversions of csrc/task_table.cpp (prepare_multi_task_inputs), with the same messages:
+    returns h as (N, D), the targets in the kernel layout ((N,) / (N, C); None when absent) and λ in the
+    accumulation dtype."""
     T = len(kinds)
     if T == 0:
         raise ValueError("mtlfast: at least one task is required")
-    if not (len(col_offsets) == T + 1 and len(ignore_index) == T and len(params) == T and len(names) == T
-            and len(targets) == T):
+    if not (len(col_offsets) == T + 1 and len(class_dims) == T and len(ignore_index) == T and len(params) == T
+            and len(names) == T and len(targets) == T):
         raise ValueError(
             f"mtlfast: per-task lists disagree on the number of tasks (kinds {T}, col_offsets {len(col_offsets)} "
-            f"(expects T+1), ignore_index {len(ignore_index)}, params {len(params)}, task_names {len(names)}, "
-            f"targets {len(targets)})"
+            f"(expects T+1), class_dims {len(class_dims)}, ignore_index {len(ignore_index)}, params {len(params)}, "
+            f"task_names {len(names)}, targets {len(targets)})"
         )
-    if h.dim() != 2:
-        raise ValueError(f"mtlfast: the shared input h must be 2-D (N, D), got shape {tuple(h.shape)}")
+    if h.dim() < 1:
+        raise ValueError("mtlfast: the shared input h must be (..., D), got a 0-dim tensor")
     if not h.is_floating_point():
         raise TypeError(f"mtlfast: h must be floating point, got {h.dtype}")
-    if h.shape[0] == 0:
-        raise ValueError("mtlfast: empty batch (h has 0 rows)")
-    if weight.dim() != 2 or weight.shape[1] != h.shape[1]:
-        raise ValueError(f"mtlfast: packed head weight must be (S, D) with D = {h.shape[1]}, got {tuple(weight.shape)}")
+    batch_shape, D = h.shape[:-1], h.shape[-1]
+    if batch_shape.numel() == 0:
+        raise ValueError("mtlfast: empty batch (h has no rows)")
+    if weight.dim() != 2 or weight.shape[1] != D:
+        raise ValueError(f"mtlfast: packed head weight must be (S, D) with D = {D}, got {tuple(weight.shape)}")
     for what, tensor in (("head weight", weight), ("bias", bias)):
         if tensor is None:
             continue
@@ -258,7 +297,7 @@ def _check_inputs(h, weight, bias, targets, col_weight, col_task, kinds, col_off
     if col_offsets[0] != 0 or col_offsets[-1] != S:
         raise ValueError(f"mtlfast: col_offsets must start at 0 and end at S = {S}")
     acc = _acc(h.dtype)
-    N = h.shape[0]
+    prepared = []
     for t, kind in enumerate(kinds):
         if kind not in _KIND_NAMES.keys():
             raise ValueError(f"mtlfast: task '{names[t]}': unknown loss kind {kind}")
@@ -266,27 +305,16 @@ def _check_inputs(h, weight, bias, targets, col_weight, col_task, kinds, col_off
         width = col_offsets[t + 1] - col_offsets[t]
         if width <= 0:
             raise ValueError(f"{where}: owns no head column")
-        if kind == LossKind.NONE:
-            continue
-        y = targets[t]
-        if y.device != h.device:
-            raise ValueError(f"{where}: target is on {y.device} but h is on {h.device}")
-        if kind == LossKind.CROSS_ENTROPY:
-            if y.dtype != torch.int64:
-                raise TypeError(f"{where}: target must hold int64 class indices, got {y.dtype}")
-            if tuple(y.shape) != (N,):
-                raise ValueError(f"{where}: target must have shape (N,) = ({N},), got {tuple(y.shape)}")
-            if not 0.0 <= params[t] <= 1.0:
-                raise ValueError(f"{where}: label_smoothing must be in [0, 1], got {params[t]}")
-        else:
-            if y.dtype != acc:
-                raise TypeError(f"{where}: target must be {acc} for {h.dtype} inputs, got {y.dtype}")
-            if tuple(y.shape) != (N, width):
-                raise ValueError(f"{where}: target must have shape (N, C) = ({N}, {width}), got {tuple(y.shape)}")
-            if kind == LossKind.HUBER and not params[t] > 0:
-                raise ValueError(f"{where}: delta must be positive, got {params[t]}")
-            if is_distillation(kind) and not (params[t] > 0 and math.isfinite(params[t])):
-                raise ValueError(f"{where}: temperature must be positive and finite, got {params[t]}")
+        if class_dims[t] not in (0, 1) or (class_dims[t] == 1 and kind == LossKind.CROSS_ENTROPY):
+            raise ValueError(f"{where}: class_dims must be 0 or 1 (0 for class indices), got {class_dims[t]}")
+        prepared.append(None if kind == LossKind.NONE else _prepare_target(
+            targets[t], where, kind, width, class_dims[t], params[t], h, batch_shape, acc))
+    if task_weights.dim() != 1 or task_weights.shape[0] != T:
+        raise ValueError(f"mtlfast: task_weights must be (T,) = ({T},), got {tuple(task_weights.shape)}")
+    if not task_weights.is_floating_point():
+        raise TypeError(f"mtlfast: task_weights must be floating point, got {task_weights.dtype}")
+    if task_weights.device != h.device:
+        raise ValueError(f"mtlfast: task_weights are on {task_weights.device} but h is on {h.device}")
     if col_weight is not None:
         if tuple(col_weight.shape) != (S,):
             raise ValueError(f"mtlfast: col_weight must be (S,) = ({S},), got {tuple(col_weight.shape)}")
@@ -296,33 +324,39 @@ def _check_inputs(h, weight, bias, targets, col_weight, col_task, kinds, col_off
             raise ValueError(f"mtlfast: col_weight is on {col_weight.device} but h is on {h.device}")
     if col_task.shape != (S,) or col_task.dtype != torch.int64 or col_task.device != h.device:
         raise ValueError(f"mtlfast: col_task must be an int64 (S,) tensor on {h.device}")
+    return h.reshape(-1, D), prepared, task_weights.to(acc)
 
 
-def _prepare(h, weight, bias, col_weight, col_task, targets, kinds, col_offsets, ignore_index, params, task_names):
-    _check_inputs(h, weight, bias, targets, col_weight, col_task, kinds, col_offsets, ignore_index, params, task_names)
+def _prepare(h, weight, bias, targets, task_weights, col_weight, col_task, kinds, col_offsets, class_dims,
+             ignore_index, params, task_names):
+    h, targets, task_weights = _prepare_inputs(h, weight, bias, targets, task_weights, col_weight, col_task, kinds,
+                                               col_offsets, class_dims, ignore_index, params, task_names)
     _check_class_targets(task_names, kinds, col_offsets, ignore_index, targets)
     _check_distillation_targets(task_names, kinds, col_offsets, targets)
     acc = _acc(h.dtype)
-    return acc, _denominators(targets, col_weight, kinds, col_offsets, ignore_index, acc, h.device)
+    denominators = _denominators(targets, col_weight, kinds, col_offsets, ignore_index, acc, h.device)
+    return h, targets, task_weights, acc, denominators
 
 
-def multi_task_loss(h, weight, bias, targets, col_weight, col_task, kinds, col_offsets, ignore_index, params,
-                    task_names, return_logits):
-    acc, denominators = _prepare(h, weight, bias, col_weight, col_task, targets, kinds, col_offsets, ignore_index,
-                                 params, task_names)
+def multi_task_loss(h, weight, bias, targets, task_weights, col_weight, col_task, kinds, col_offsets, class_dims,
+                    ignore_index, params, task_names, return_logits):
+    h, targets, task_weights, acc, denominators = _prepare(
+        h, weight, bias, targets, task_weights, col_weight, col_task, kinds, col_offsets, class_dims, ignore_index,
+        params, task_names)
     logits = torch.nn.functional.linear(h, weight, bias)
     sums, grad = _loss_sums_and_grads(logits.to(acc), targets, slice(None), col_weight, kinds, col_offsets, ignore_index, params)
     grad, inverse = _scale_by_task(grad, denominators, col_task)
     losses = sums * inverse
-    return losses, grad.to(h.dtype), logits if return_logits else h.new_empty(0)
+    return (losses * task_weights).sum(), losses, grad.to(h.dtype), logits if return_logits else h.new_empty(0)
 
 
-def multi_task_loss_chunked(h, weight, bias, targets, col_weight, col_task, kinds, col_offsets, ignore_index,
-                            params, task_names, chunk_rows):
+def multi_task_loss_chunked(h, weight, bias, targets, task_weights, col_weight, col_task, kinds, col_offsets,
+                            class_dims, ignore_index, params, task_names, chunk_rows):
+    h, targets, task_weights, acc, denominators = _prepare(
+        h, weight, bias, targets, task_weights, col_weight, col_task, kinds, col_offsets, class_dims, ignore_index,
+        params, task_names)
     if chunk_rows <= 0:
         raise ValueError(f"mtlfast: chunk_rows must be positive, got {chunk_rows}")
-    acc, denominators = _prepare(h, weight, bias, col_weight, col_task, targets, kinds, col_offsets, ignore_index,
-                                 params, task_names)
     T, (N, D), S = len(kinds), h.shape, weight.shape[0]
     sums = torch.zeros(T, dtype=acc, device=h.device)
     grad_h_per_task = torch.empty(T, N, D, dtype=acc, device=h.device)
@@ -341,25 +375,39 @@ def multi_task_loss_chunked(h, weight, bias, targets, col_weight, col_task, kind
         for t in range(T):
             cols = slice(col_offsets[t], col_offsets[t + 1])
             grad_h_per_task[t, rows] = grad[:, cols] @ weight[cols].to(acc)
-    return sums * inverse, grad_h_per_task, grad_weight, grad_bias
+    losses = sums * inverse
+    return (losses * task_weights).sum(), losses, grad_h_per_task, grad_weight, grad_bias
 
 
-def multi_task_loss_backward(grad_losses, grad_logits_output, grad_logits, h, weight, col_task, has_bias):
-    coeff = grad_losses.index_select(0, col_task)
+def _coefficients(grad_total, grad_losses, task_weights, acc):
+    """c = grad_total·λ + grad_losses (csrc/task_table.cpp's task_coefficients)."""
+    c = torch.zeros(task_weights.shape[0], dtype=acc, device=task_weights.device)
+    if grad_total is not None:
+        c = c + task_weights.to(acc) * grad_total.to(acc)
+    if grad_losses is not None:
+        c = c + grad_losses.to(acc)
+    return c
+
+
+def multi_task_loss_backward(grad_total, grad_losses, task_weights, grad_logits_output, grad_logits, h_in, weight,
+                             col_task, has_bias):
+    h = h_in.reshape(-1, h_in.shape[-1])
+    coeff = _coefficients(grad_total, grad_losses, task_weights, _acc(h.dtype)).index_select(0, col_task)
     if grad_logits_output is not None:
         dz = (grad_logits.to(coeff.dtype) * coeff + grad_logits_output.to(coeff.dtype)).to(h.dtype)
         grad_h, grad_weight = dz @ weight, dz.t() @ h
         grad_bias = dz.sum(0, dtype=coeff.dtype).to(h.dtype) if has_bias else h.new_empty(0)
-        return grad_h, grad_weight, grad_bias
+        return grad_h.view(h_in.shape), grad_weight, grad_bias
     grad_h = grad_logits @ (weight.to(coeff.dtype) * coeff.unsqueeze(1)).to(h.dtype)
     grad_weight = ((grad_logits.t() @ h).to(coeff.dtype) * coeff.unsqueeze(1)).to(h.dtype)
     grad_bias = (grad_logits.sum(0, dtype=coeff.dtype) * coeff).to(h.dtype) if has_bias else h.new_empty(0)
-    return grad_h, grad_weight, grad_bias
+    return grad_h.view(h_in.shape), grad_weight, grad_bias
 
 
-def multi_task_loss_chunked_backward(grad_losses, grad_h_per_task, grad_weight, grad_bias, col_task, h_dtype):
+def multi_task_loss_chunked_backward(grad_total, grad_losses, task_weights, grad_h_per_task, grad_weight, grad_bias,
+                                     col_task, h_dtype):
     T, N, D = grad_h_per_task.shape
-    c = grad_losses.to(grad_h_per_task.dtype)
+    c = _coefficients(grad_total, grad_losses, task_weights, grad_h_per_task.dtype)
     grad_h = (c.view(1, T) @ grad_h_per_task.reshape(T, N * D)).view(N, D).to(h_dtype)
     coeff = c.index_select(0, col_task)
     grad_b = (grad_bias * coeff).to(h_dtype) if grad_bias.numel() > 0 else grad_bias.new_empty(0, dtype=h_dtype)

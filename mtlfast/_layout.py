@@ -33,12 +33,8 @@ class TaskLayout:
         self.ignore_index: tuple[int, ...] = tuple(task.ignored_class for task in tasks)
         self.params: tuple[float, ...] = tuple(task.param for task in tasks)
         self.index: dict[str, int] = {name: i for i, name in enumerate(names)}
-        # Per task: (targets are class indices, trailing target dims after the batch dims, head width). Read on
-        # every step, so computed once rather than through the task properties.
-        self.target_specs: tuple[tuple[bool, tuple[int, ...], int], ...] = tuple(
-            (task.target_is_index, (task.num_outputs,) if task.target_has_class_dim else (), task.num_outputs)
-            for task in tasks
-        )
+        # 1 where a task's target has a trailing (num_outputs,) dim after the batch dims: the op's class_dims.
+        self.class_dims: tuple[int, ...] = tuple(int(task.target_has_class_dim) for task in tasks)
         self._device_cache: dict[tuple, torch.Tensor] = {}
         # Computed eagerly: a cached_property takes a lock that torch.compile cannot trace.
         self._column_weights_cpu = self._pack_column_weights()
@@ -53,10 +49,6 @@ class TaskLayout:
 
     def columns(self, task: int) -> slice:
         return slice(self.col_offsets[task], self.col_offsets[task + 1])
-
-    def kinds_present(self, present: Sequence[bool]) -> tuple[int, ...]:
-        """The kinds list for a batch where only some tasks have targets (absent ones become NONE)."""
-        return tuple(kind if here else int(LossKind.NONE) for kind, here in zip(self.kinds, present))
 
     def _pack_column_weights(self) -> torch.Tensor | None:
         per_task = [task.column_weights() for task in self.tasks]

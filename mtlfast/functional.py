@@ -13,7 +13,7 @@ import torch
 
 from mtlfast import ops as _fused
 from mtlfast._layout import TaskLayout, accumulation_dtype
-from mtlfast.tasks import LossKind, Task, is_distillation
+from mtlfast.tasks import LossKind, Task
 
 _ops = torch.ops.mtlfast
 
@@ -38,68 +38,6 @@ class MultiTaskLossOutput(NamedTuple):
 Targets = Mapping[str, torch.Tensor | None] | Sequence[torch.Tensor | None]
 
 
-def _normalise_target(task: Task, target: torch.Tensor, batch_shape: torch.Size, h: torch.Tensor) -> torch.Tensor:
-    """Reshape one task's target to the kernel layout, raising errors that name the task."""
-    kind_name = type(task).__name__
-    if not isinstance(target, torch.Tensor):
-        raise TypeError(f"mtlfast: task '{task.name}' ({kind_name}): target must be a tensor, got {type(target).__name__}")
-    if target.device != h.device:
-        raise ValueError(f"mtlfast: task '{task.name}' ({kind_name}): target is on {target.device} but h is on {h.device}")
-    expected = tuple(batch_shape) + ((task.num_outputs,) if task.target_has_class_dim else ())
-    if tuple(target.shape) != expected:
-        raise ValueError(
-            f"mtlfast: task '{task.name}' ({kind_name}): target must have shape {expected} "
-            f"(the batch shape of h{', plus the output dimension' if task.target_has_class_dim else ''}), "
-            f"got {tuple(target.shape)}"
-        )
-    rows = batch_shape.numel()
-    if task.target_is_index:
-        if target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
-            raise TypeError(f"mtlfast: task '{task.name}' ({kind_name}): targets must be integer class indices, got {target.dtype}")
-        return target.reshape(rows).to(torch.int64)
-    if not target.is_floating_point() and is_distillation(task.kind):
-        # Teacher logits / probabilities are real-valued: integers here are most likely class indices.
-        raise TypeError(
-            f"mtlfast: task '{task.name}' ({kind_name}): targets must be floating point teacher "
-            f"{'logits' if task.kind == LossKind.DISTILL else 'probabilities'} of shape (..., {task.num_outputs}), "
-            f"got {target.dtype}"
-        )
-    if not target.is_floating_point():
-        if target.dtype == torch.bool or not target.is_complex():
-            target = target.to(accumulation_dtype(h.dtype))
-        else:
-            raise TypeError(f"mtlfast: task '{task.name}' ({kind_name}): targets must be real, got {target.dtype}")
-    return target.reshape(rows, task.num_outputs).to(accumulation_dtype(h.dtype)).contiguous()
-
-
-def _flatten_targets(
-    layout: TaskLayout, given: Sequence[torch.Tensor | None], batch_shape: torch.Size, h: torch.Tensor
-) -> list[torch.Tensor]:
-    """Every task's target in the kernel layout: (N,) int64 or (N, C) accumulation dtype; empty when absent.
-
-    The common case (right shape, dtype and device) costs one view per task; anything else goes through
-    :func:`_normalise_target`, which converts or raises an error naming the task.
-    """
-    rows = batch_shape.numel()
-    acc = accumulation_dtype(h.dtype)
-    device = h.device
-    flat = []
-    for task, (index, trailing, width), target in zip(layout.tasks, layout.target_specs, given):
-        if target is None:
-            flat.append(h.new_empty(0))
-            continue
-        if (
-            isinstance(target, torch.Tensor)
-            and target.dtype == (torch.int64 if index else acc)
-            and target.shape == batch_shape + trailing
-            and target.device == device
-        ):
-            flat.append(target.reshape(rows) if index else target.reshape(rows, width))
-        else:
-            flat.append(_normalise_target(task, target, batch_shape, h))
-    return flat
-
-
 def _gather_targets(layout: TaskLayout, targets: Targets) -> list[torch.Tensor | None]:
     if isinstance(targets, Mapping):
         unknown = sorted(set(targets) - set(layout.names))
@@ -110,6 +48,25 @@ def _gather_targets(layout: TaskLayout, targets: Targets) -> list[torch.Tensor |
     if len(targets) != layout.num_tasks:
         raise ValueError(f"mtlfast: {len(targets)} targets for {layout.num_tasks} tasks")
     return targets
+
+
+def _op_targets(layout: TaskLayout, given: list[torch.Tensor | None], h: torch.Tensor):
+    """The op's targets and kinds: a present target goes as given (the op checks and converts it, naming the task);
+    an absent task gets an empty placeholder and the kind NONE."""
+    if all(isinstance(target, torch.Tensor) for target in given):  # the common case: one pass, no per-task work
+        return given, layout.kinds
+    kinds, placeholders = list(layout.kinds), list(given)
+    for t, target in enumerate(given):
+        if target is None:
+            kinds[t], placeholders[t] = int(LossKind.NONE), h.new_empty(0)
+        elif not isinstance(target, torch.Tensor):
+            task = layout.tasks[t]
+            raise TypeError(
+                f"mtlfast: task '{task.name}' ({type(task).__name__}): target must be a tensor, got {type(target).__name__}"
+            )
+    if all(kind == LossKind.NONE for kind in kinds):
+        raise ValueError(f"mtlfast: no targets given for any task of {list(layout.names)}")
+    return placeholders, kinds
 
 
 def _autocast(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
@@ -167,53 +124,37 @@ def multi_task_loss(
         raise ValueError(f"mtlfast: h must be (..., D) with D = {weight.shape[-1]}, got {tuple(h.shape)}")
     if weight.shape[0] != layout.num_columns:
         raise ValueError(f"mtlfast: weight has {weight.shape[0]} rows but the tasks need {layout.num_columns}")
-    batch_shape = h.shape[:-1]
-    if batch_shape.numel() == 0:
-        raise ValueError("mtlfast: empty batch (h has no rows)")
-    if not h.is_floating_point():
-        raise TypeError(f"mtlfast: h must be floating point, got {h.dtype}")
     h, weight, bias = _autocast(h, weight, bias)
-    if weight.dtype != h.dtype or (bias is not None and bias.dtype != h.dtype):
-        raise TypeError(f"mtlfast: head weight/bias dtype {weight.dtype} differs from h dtype {h.dtype}")
-    if weight.device != h.device:
-        raise ValueError(f"mtlfast: head weight is on {weight.device} but h is on {h.device}")
-
-    given = _gather_targets(layout, targets)
-    present = [t is not None for t in given]
-    if not any(present):
-        raise ValueError(f"mtlfast: no targets given for any task of {list(layout.names)}")
-    flat_targets = _flatten_targets(layout, given, batch_shape, h)
-    kinds = layout.kinds_present(present) if not all(present) else layout.kinds
-    h2 = h.reshape(-1, h.shape[-1])
+    op_targets, kinds = _op_targets(layout, _gather_targets(layout, targets), h)
     acc = accumulation_dtype(h.dtype)
     if _tables is not None:
         col_task, col_weight = _tables
         col_weight = None if col_weight is None else col_weight.to(acc)
     else:
         col_task, col_weight = layout.col_task(h.device), layout.col_weight(h.device, acc)
-    common = (list(kinds), list(layout.col_offsets), list(layout.ignore_index), list(layout.params), list(layout.names))
-
+    if task_weights is None:
+        task_weights = layout.default_task_weights(h.device, acc)
+    common = (kinds, layout.col_offsets, layout.class_dims, layout.ignore_index, layout.params, layout.names)
+    # The op checks everything else (shapes, dtypes, devices of h, the heads and every target) and raises
+    # ValueError / TypeError naming the task.
+    batch_shape = h.shape[:-1]
     logits = input_grads = None
-    chunk = _resolve_chunk_rows(chunk_rows, h2.shape[0], layout.num_columns, h2.shape[1], return_logits)
+    chunk = _resolve_chunk_rows(chunk_rows, batch_shape.numel(), layout.num_columns, h.shape[-1], return_logits)
     if chunk > 0:
-        losses, grad_h_per_task, _, _ = _fused.multi_task_loss_chunked(
-            h2, weight, bias, flat_targets, col_weight, col_task, *common, chunk
+        total, losses, grad_h_per_task, _, _ = _fused.multi_task_loss_chunked(
+            h, weight, bias, op_targets, task_weights, col_weight, col_task, *common, chunk
         )
         if per_task_input_grads:
             input_grads = grad_h_per_task.detach().view(layout.num_tasks, *batch_shape, h.shape[-1])
     else:
-        losses, grad_logits, packed_logits = _fused.multi_task_loss(
-            h2, weight, bias, flat_targets, col_weight, col_task, *common, return_logits
+        total, losses, grad_logits, packed_logits = _fused.multi_task_loss(
+            h, weight, bias, op_targets, task_weights, col_weight, col_task, *common, return_logits
         )
         if return_logits:
             logits = packed_logits.view(*batch_shape, layout.num_columns)
         if per_task_input_grads:
-            grads = _ops.per_task_input_grads(grad_logits, weight.detach(), list(layout.col_offsets))
+            grads = _ops.per_task_input_grads(grad_logits, weight.detach(), layout.col_offsets)
             input_grads = grads.view(layout.num_tasks, *batch_shape, h.shape[-1])
-
-    if task_weights is None:
-        task_weights = layout.default_task_weights(h.device, acc)
-    total = (task_weights.to(losses.dtype) * losses).sum()
     return MultiTaskLossOutput(total, losses, logits, input_grads)
 
 

@@ -7,6 +7,8 @@ differentiable and trace under ``torch.compile(fullgraph=True)`` without graph b
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from mtlfast import _extension, _fallback
@@ -25,32 +27,46 @@ def _acc(dtype: torch.dtype) -> torch.dtype:
 # Fake kernels: output shapes and dtypes only.
 
 
+def _rows(h: torch.Tensor):
+    return math.prod(h.shape[:-1])
+
+
+def _check_target_devices(h, targets, kinds, task_names):
+    # A target on the meta device sends the whole call to these fake kernels instead of the device's kernel, which
+    # would have reported it; so they report it too, as the kernels do.
+    for target, kind, name in zip(targets, kinds, task_names):
+        if kind != 0 and target.device != h.device:
+            raise ValueError(f"mtlfast: task '{name}': target is on {target.device} but h is on {h.device}")
+
+
 @torch.library.register_fake("mtlfast::multi_task_loss")
-def _(h, weight, bias, targets, col_weight, col_task, kinds, col_offsets, ignore_index, params, task_names,
-      return_logits):
-    n, s = h.shape[0], weight.shape[0]
-    losses = h.new_empty(len(kinds), dtype=_acc(h.dtype))
+def _(h, weight, bias, targets, task_weights, col_weight, col_task, kinds, col_offsets, class_dims, ignore_index,
+      params, task_names, return_logits):
+    _check_target_devices(h, targets, kinds, task_names)
+    n, s, acc = _rows(h), weight.shape[0], _acc(h.dtype)
     logits = h.new_empty(n, s) if return_logits else h.new_empty(0)
-    return losses, h.new_empty(n, s), logits
+    return h.new_empty((), dtype=acc), h.new_empty(len(kinds), dtype=acc), h.new_empty(n, s), logits
 
 
 @torch.library.register_fake("mtlfast::multi_task_loss_chunked")
-def _(h, weight, bias, targets, col_weight, col_task, kinds, col_offsets, ignore_index, params, task_names,
-      chunk_rows):
+def _(h, weight, bias, targets, task_weights, col_weight, col_task, kinds, col_offsets, class_dims, ignore_index,
+      params, task_names, chunk_rows):
+    _check_target_devices(h, targets, kinds, task_names)
     acc = _acc(h.dtype)
-    (n, d), s, t = h.shape, weight.shape[0], len(kinds)
+    n, d, s, t = _rows(h), h.shape[-1], weight.shape[0], len(kinds)
     grad_bias = h.new_empty(s, dtype=acc) if bias is not None else h.new_empty(0, dtype=acc)
-    return h.new_empty(t, dtype=acc), h.new_empty(t, n, d, dtype=acc), h.new_empty(s, d, dtype=acc), grad_bias
+    return (h.new_empty((), dtype=acc), h.new_empty(t, dtype=acc), h.new_empty(t, n, d, dtype=acc),
+            h.new_empty(s, d, dtype=acc), grad_bias)
 
 
 @torch.library.register_fake("mtlfast::multi_task_loss_backward")
-def _(grad_losses, grad_logits_output, grad_logits, h, weight, col_task, has_bias):
+def _(grad_total, grad_losses, task_weights, grad_logits_output, grad_logits, h, weight, col_task, has_bias):
     grad_bias = h.new_empty(weight.shape[0]) if has_bias else h.new_empty(0)
     return torch.empty_like(h), torch.empty_like(weight), grad_bias
 
 
 @torch.library.register_fake("mtlfast::multi_task_loss_chunked_backward")
-def _(grad_losses, grad_h_per_task, grad_weight, grad_bias, col_task, h_dtype):
+def _(grad_total, grad_losses, task_weights, grad_h_per_task, grad_weight, grad_bias, col_task, h_dtype):
     _, n, d = grad_h_per_task.shape
     return (
         grad_h_per_task.new_empty(n, d, dtype=h_dtype),
@@ -77,51 +93,67 @@ if _extension.HAS_C:  # compiled only: without the extension mtlfast.weighting r
 
 # ---------------------------------------------------------------------------------------------------------------
 # Autograd: the forward hands the backward the logit gradient of every task (or, chunked, the per-task input
-# gradients); the backward only applies the per-task coefficients c = dTotal/dL that autograd delivers.
+# gradients); the backward only applies the per-task coefficients c = dTotal·λ + dL that autograd delivers.
+# Inputs: h 0, weight 1, bias 2, targets 3, task_weights 4, then 9 non-tensor / table arguments.
+_NUM_INPUTS = 14
+_TASK_WEIGHTS = 4
+
+
+def _save(ctx, *tensors, task_weights, losses):
+    # λ and L last: the backward needs L for a learnable λ. (The setup cannot tell whether λ needs a gradient:
+    # under register_autograd its needs_input_grad is over the flattened inputs; the backward's is not.)
+    ctx.save_for_backward(*tensors, task_weights, losses)
+
+
+def _task_weights_grad(ctx, task_weights, losses, grad_total):
+    """dTotal/dλ = L, times the incoming gradient of the total; None when λ needs no gradient."""
+    if not ctx.needs_input_grad[_TASK_WEIGHTS] or grad_total is None:
+        return None
+    return (grad_total * losses).to(task_weights.dtype)
 
 
 def _setup_multi_task_loss(ctx, inputs, output):
-    h, weight, bias, *_rest = inputs
-    col_task = inputs[5]
-    _losses, grad_logits, logits = output
-    ctx.save_for_backward(h, weight, grad_logits, col_task)
+    h, weight, bias, _targets, task_weights, _col_weight, col_task, kinds, *_rest = inputs
+    _total, losses, grad_logits, logits = output
+    _save(ctx, h, weight, grad_logits, col_task, task_weights=task_weights, losses=losses)
     ctx.has_bias = bias is not None
-    ctx.num_tasks = len(inputs[6])
+    ctx.num_tasks = len(kinds)
     # One call: each call replaces the previous set of non-differentiable outputs.
     if logits.numel() == 0:
         ctx.mark_non_differentiable(grad_logits, logits)
     else:
         ctx.mark_non_differentiable(grad_logits)
-    ctx.set_materialize_grads(False)  # an unused logits output must not cost an N×S tensor of zeros
+    ctx.set_materialize_grads(False)  # an unused output must not cost a tensor of zeros
 
 
-def _backward_multi_task_loss(ctx, grad_losses, _grad_grad_logits, grad_logits_output):
-    h, weight, grad_logits, col_task = ctx.saved_tensors
-    if grad_losses is None:
-        grad_losses = torch.zeros(ctx.num_tasks, dtype=_acc(h.dtype), device=h.device)
+def _backward_multi_task_loss(ctx, grad_total, grad_losses, _grad_grad_logits, grad_logits_output):
+    h, weight, grad_logits, col_task, task_weights, losses = ctx.saved_tensors
     grad_h, grad_weight, grad_bias = _ops.multi_task_loss_backward(
-        grad_losses, grad_logits_output, grad_logits, h, weight, col_task, ctx.has_bias
+        grad_total, grad_losses, task_weights, grad_logits_output, grad_logits, h, weight, col_task, ctx.has_bias
     )
-    return grad_h, grad_weight, grad_bias if ctx.has_bias else None, [None] * ctx.num_tasks, *(None,) * 8
+    return (grad_h, grad_weight, grad_bias if ctx.has_bias else None, [None] * ctx.num_tasks,
+            _task_weights_grad(ctx, task_weights, losses, grad_total), *(None,) * (_NUM_INPUTS - 5))
 
 
 def _setup_chunked(ctx, inputs, output):
-    h, _weight, bias, *_rest = inputs
-    col_task = inputs[5]
-    _losses, grad_h_per_task, grad_weight, grad_bias = output
-    ctx.save_for_backward(grad_h_per_task, grad_weight, grad_bias, col_task)
+    h, _weight, bias, _targets, task_weights, _col_weight, col_task, kinds, *_rest = inputs
+    _total, losses, grad_h_per_task, grad_weight, grad_bias = output
+    _save(ctx, grad_h_per_task, grad_weight, grad_bias, col_task, task_weights=task_weights, losses=losses)
     ctx.has_bias = bias is not None
     ctx.h_dtype = h.dtype
-    ctx.num_tasks = len(inputs[6])
+    ctx.h_shape = h.shape
+    ctx.num_tasks = len(kinds)
     ctx.mark_non_differentiable(grad_h_per_task, grad_weight, grad_bias)
+    ctx.set_materialize_grads(False)
 
 
-def _backward_chunked(ctx, grad_losses, *_unused):
-    grad_h_per_task, grad_weight, grad_bias, col_task = ctx.saved_tensors
+def _backward_chunked(ctx, grad_total, grad_losses, *_unused):
+    grad_h_per_task, grad_weight, grad_bias, col_task, task_weights, losses = ctx.saved_tensors
     grad_h, dW, db = _ops.multi_task_loss_chunked_backward(
-        grad_losses, grad_h_per_task, grad_weight, grad_bias, col_task, ctx.h_dtype
+        grad_total, grad_losses, task_weights, grad_h_per_task, grad_weight, grad_bias, col_task, ctx.h_dtype
     )
-    return grad_h, dW, db if ctx.has_bias else None, [None] * ctx.num_tasks, *(None,) * 8
+    return (grad_h.view(ctx.h_shape), dW, db if ctx.has_bias else None, [None] * ctx.num_tasks,
+            _task_weights_grad(ctx, task_weights, losses, grad_total), *(None,) * (_NUM_INPUTS - 5))
 
 
 torch.library.register_autograd("mtlfast::multi_task_loss", _backward_multi_task_loss, setup_context=_setup_multi_task_loss)
@@ -144,6 +176,12 @@ def _below_autograd(op, args):
         return op(*args)
 
 
+def _as_function_grads(grads):
+    # The op's autograd formula returns one None per target (a Tensor[] input); an autograd.Function takes the
+    # list as one non-tensor argument, whose gradient is a single None.
+    return (*grads[:3], None, *grads[4:])
+
+
 class _MultiTaskLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, *args):
@@ -153,7 +191,7 @@ class _MultiTaskLoss(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grads):
-        return (*_backward_multi_task_loss(ctx, *grads)[:3], *(None,) * 9)
+        return _as_function_grads(_backward_multi_task_loss(ctx, *grads))
 
 
 class _MultiTaskLossChunked(torch.autograd.Function):
@@ -164,7 +202,7 @@ class _MultiTaskLossChunked(torch.autograd.Function):
         return output
 
     @staticmethod
-    def backward(ctx, grad_losses, *_unused):
+    def backward(ctx, grad_total, grad_losses, *_unused):
         # Checked before unpacking: after an in-place rescale, unpacking would fail with autograd's generic
         # "modified by an inplace operation" error instead of this one.
         if getattr(ctx, "used_up", False):
@@ -172,19 +210,24 @@ class _MultiTaskLossChunked(torch.autograd.Function):
                 "mtlfast: the chunked large-head path rescales its saved gradients in place, so it supports one "
                 "backward per forward (no retain_graph); pass chunk_rows=None to keep them"
             )
-        grad_h_per_task, grad_weight, grad_bias, col_task = ctx.saved_tensors
+        grad_h_per_task, grad_weight, grad_bias, col_task, task_weights, losses = ctx.saved_tensors
         if grad_weight.numel() < INPLACE_BACKWARD_MIN_ELEMENTS:
-            return (*_backward_chunked(ctx, grad_losses)[:3], *(None,) * 9)
+            return _as_function_grads(_backward_chunked(ctx, grad_total, grad_losses))
         # A large saved weight gradient is rescaled in place instead of copied: for a 32k-class head it is the
         # largest tensor of the step. The saved tensors are then used up by one backward.
         ctx.used_up = True
         T, N, D = grad_h_per_task.shape
-        c = grad_losses.to(grad_h_per_task.dtype)
-        grad_h = (c.view(1, T) @ grad_h_per_task.view(T, N * D)).view(N, D).to(ctx.h_dtype)
+        c = torch.zeros(T, dtype=grad_h_per_task.dtype, device=grad_h_per_task.device)
+        if grad_total is not None:
+            c = c + grad_total.to(c.dtype) * task_weights.to(c.dtype)
+        if grad_losses is not None:
+            c = c + grad_losses.to(c.dtype)
+        grad_h = (c.view(1, T) @ grad_h_per_task.view(T, N * D)).view(ctx.h_shape).to(ctx.h_dtype)
         coeff = c.index_select(0, col_task)
         grad_w = grad_weight.mul_(coeff.unsqueeze(1)).to(ctx.h_dtype)
         grad_b = grad_bias.mul_(coeff).to(ctx.h_dtype) if ctx.has_bias else None
-        return grad_h, grad_w, grad_b, *(None,) * 9
+        return (grad_h, grad_w, grad_b, None, _task_weights_grad(ctx, task_weights, losses, grad_total),
+                *(None,) * (_NUM_INPUTS - 5))
 
 
 def multi_task_loss(*args):

@@ -388,27 +388,38 @@ def linear_logits(case: Case) -> torch.Tensor:
 
 
 def op_args(case: Case, *, dtype: torch.dtype = torch.float64, device=None, requires_grad: bool = False) -> dict:
-    """The arguments of torch.ops.mtlfast.multi_task_loss[_chunked] for ``case`` (flattened, kernel layout),
-    without the trailing ``return_logits`` / ``chunk_rows``."""
+    """The arguments of torch.ops.mtlfast.multi_task_loss[_chunked] for ``case``: h and the targets as the user
+    holds them (batch shape kept, dense targets in the accumulation dtype), without the trailing
+    ``return_logits`` / ``chunk_rows``."""
     layout = case.layout
     acc = torch.float64 if dtype == torch.float64 else torch.float32
-    targets = flat_targets(case, acc, device)
-    present = [t is not None for t in targets]
-    h = case.h.reshape(-1, case.h.shape[-1]).to(device=device, dtype=dtype)
+    given = [case.targets.get(task.name) for task in case.tasks]
+    present = [t is not None for t in given]
+    h = case.h.to(device=device, dtype=dtype)
     weight = case.weight.to(device=device, dtype=dtype)
     bias = None if case.bias is None else case.bias.to(device=device, dtype=dtype)
+    lam = case.lam if case.lam is not None else torch.tensor([t.weight for t in case.tasks], dtype=torch.float64)
+    lam = lam.to(device=device, dtype=acc)
     if requires_grad:
-        h, weight = h.requires_grad_(), weight.requires_grad_()
+        h, weight, lam = h.requires_grad_(), weight.requires_grad_(), lam.requires_grad_()
         bias = None if bias is None else bias.requires_grad_()
+    targets = []
+    for task, y in zip(case.tasks, given):
+        if y is None:
+            targets.append(h.new_empty(0, dtype=acc))
+        else:
+            targets.append(y.to(device=device) if task.target_is_index else y.to(device=device, dtype=acc))
     return dict(
         h=h,
         weight=weight,
         bias=bias,
-        targets=[t if t is not None else h.new_empty(0, dtype=acc) for t in targets],
+        targets=targets,
+        task_weights=lam,
         col_weight=layout.col_weight(torch.device(device or "cpu"), acc),
         col_task=layout.col_task(torch.device(device or "cpu")),
-        kinds=list(layout.kinds_present(present)),
+        kinds=[kind if here else 0 for kind, here in zip(layout.kinds, present)],
         col_offsets=list(layout.col_offsets),
+        class_dims=list(layout.class_dims),
         ignore_index=list(layout.ignore_index),
         params=list(layout.params),
         task_names=list(layout.names),

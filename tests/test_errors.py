@@ -307,7 +307,7 @@ def test_no_tasks():
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# The raw op (already-flattened tensors): the kernels check their inputs themselves
+# The raw op (targets as the user holds them): the kernels check their inputs themselves
 
 
 def _raw_case():
@@ -334,7 +334,10 @@ def test_raw_op_float_class_targets(op):
 
 
 @pytest.mark.parametrize("op", ["multi_task_loss", "multi_task_loss_chunked"])
-@pytest.mark.parametrize("task, shape", [(0, (B + 1,)), (0, (B, 1)), (1, (B,)), (2, (B, 2)), (4, (B - 1, 2))], ids=str)
+@pytest.mark.parametrize(
+    "task, shape", [(0, (B + 1,)), (0, (B, 1)), (1, (B, 1)), (2, (B, 2)), (2, (B,)), (3, (B, 1)), (4, (B - 1, 2))],
+    ids=str,
+)
 def test_raw_op_target_shape(op, task, shape):
     args = op_args(_raw_case())
     args["targets"][task] = torch.zeros(shape, dtype=args["targets"][task].dtype)
@@ -345,9 +348,21 @@ def test_raw_op_target_shape(op, task, shape):
 @pytest.mark.parametrize("op", ["multi_task_loss", "multi_task_loss_chunked"])
 def test_raw_op_dense_target_dtype(op):
     args = op_args(_raw_case())
-    args["targets"][3] = args["targets"][3].float()  # float64 h needs float64 targets
+    args["targets"][3] = args["targets"][3].to(torch.complex128)  # real dtypes are converted; complex is an error
     last = False if op == "multi_task_loss" else 2
     _raises(TypeError, "'score'", getattr(ops, op), *op_arg_tuple(args, last))
+
+
+@pytest.mark.parametrize("op", ["multi_task_loss", "multi_task_loss_chunked"])
+def test_raw_op_converts_real_targets_to_the_accumulation_dtype(op):
+    args = op_args(_raw_case())
+    last = False if op == "multi_task_loss" else 2
+    expected = getattr(ops, op)(*op_arg_tuple(args, last))
+    args["targets"][3] = args["targets"][3].float()  # float64 inputs: converted to float64 by the op
+    args["targets"][0] = args["targets"][0].int()  # class indices: any integer dtype
+    converted = getattr(ops, op)(*op_arg_tuple(args, last))
+    for a, b in zip(converted, expected):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
 
 
 @pytest.mark.parametrize("op", ["multi_task_loss", "multi_task_loss_chunked"])

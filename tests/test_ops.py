@@ -68,32 +68,54 @@ def test_opcheck_low_precision(dtype):
 
 def _backward_inputs(bias=True, seed=3):
     args = op_args(_mixed_case(seed, bias=bias))
-    losses, grad_logits, _ = ops.multi_task_loss(*op_arg_tuple(args, False))
+    _, _, grad_logits, _ = ops.multi_task_loss(*op_arg_tuple(args, False))
     T = len(args["kinds"])
     grad_losses = torch.linspace(0.5, 2.0, T, dtype=torch.float64)
     return args, grad_logits, grad_losses
 
 
+# Which incoming gradients the backward gets: of the total, of the losses, or both (both None: c = 0).
+_OUTPUT_GRADS = {"total": (True, False), "losses": (False, True), "both": (True, True), "none": (False, False)}
+
+
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("with_logit_grad", [False, True])
-def test_opcheck_multi_task_loss_backward(with_logit_grad, bias):
+@pytest.mark.parametrize("used", list(_OUTPUT_GRADS))
+def test_opcheck_multi_task_loss_backward(used, with_logit_grad, bias):
     args, grad_logits, grad_losses = _backward_inputs(bias)
+    with_total, with_losses = _OUTPUT_GRADS[used]
+    grad_total = torch.tensor(0.7, dtype=torch.float64) if with_total else None
     grad_out = torch.randn_like(grad_logits) if with_logit_grad else None
     torch.library.opcheck(
         ops.multi_task_loss_backward.default,
-        (grad_losses, grad_out, grad_logits, args["h"], args["weight"], args["col_task"], bias),
+        (grad_total, grad_losses if with_losses else None, args["task_weights"], grad_out, grad_logits, args["h"],
+         args["weight"], args["col_task"], bias),
     )
+
+
+def test_backward_coefficients_are_total_times_lambda_plus_loss_grads():
+    """c = dTotal·λ + dL: the backward with both equals the backward of the combined per-task gradient alone."""
+    args, grad_logits, grad_losses = _backward_inputs()
+    grad_total = torch.tensor(0.7, dtype=torch.float64)
+    lam = args["task_weights"]
+    rest = (None, grad_logits, args["h"], args["weight"], args["col_task"], True)
+    both = ops.multi_task_loss_backward(grad_total, grad_losses, lam, *rest)
+    combined = ops.multi_task_loss_backward(None, grad_total * lam + grad_losses, lam, *rest)
+    for got, expected in zip(both, combined):
+        assert_close(got, expected, what="backward with grad_total and grad_losses")
 
 
 @pytest.mark.parametrize("bias", [True, False])
 def test_opcheck_multi_task_loss_chunked_backward(bias):
     args = op_args(_mixed_case(4, bias=bias))
-    _, grad_h_per_task, grad_weight, grad_bias = ops.multi_task_loss_chunked(*op_arg_tuple(args, 4))
+    _, _, grad_h_per_task, grad_weight, grad_bias = ops.multi_task_loss_chunked(*op_arg_tuple(args, 4))
     grad_losses = torch.linspace(0.5, 2.0, len(args["kinds"]), dtype=torch.float64)
+    grad_total = torch.tensor(1.3, dtype=torch.float64)
     for h_dtype in (torch.float64, torch.float32):
         torch.library.opcheck(
             ops.multi_task_loss_chunked_backward.default,
-            (grad_losses, grad_h_per_task, grad_weight, grad_bias, args["col_task"], h_dtype),
+            (grad_total, grad_losses, args["task_weights"], grad_h_per_task, grad_weight, grad_bias,
+             args["col_task"], h_dtype),
         )
 
 
@@ -106,13 +128,13 @@ def test_opcheck_per_task_input_grads():
 def test_only_losses_and_logits_are_differentiable_outputs(return_logits):
     """grad_logits is a by-product for the backward (and per_task_input_grads), never part of the graph."""
     args = op_args(_mixed_case(6), requires_grad=True)
-    losses, grad_logits, logits = ops.multi_task_loss(*op_arg_tuple(args, return_logits))
-    assert losses.requires_grad
+    total, losses, grad_logits, logits = ops.multi_task_loss(*op_arg_tuple(args, return_logits))
+    assert total.requires_grad and losses.requires_grad
     assert not grad_logits.requires_grad
     assert logits.requires_grad == return_logits
     outputs = ops.multi_task_loss_chunked(*op_arg_tuple(args, 2))
-    assert outputs[0].requires_grad
-    assert not any(t.requires_grad for t in outputs[1:])
+    assert outputs[0].requires_grad and outputs[1].requires_grad
+    assert not any(t.requires_grad for t in outputs[2:])
 
 
 def test_per_task_input_grads_op_with_a_weight_that_requires_grad():
@@ -208,12 +230,12 @@ def test_cpp_kernels_match_fallback(dtype):
         for return_logits in (False, True):
             cpp = ops.multi_task_loss(*op_arg_tuple(args, return_logits))
             py = _fallback.multi_task_loss(*op_arg_tuple(args, return_logits))
-            for what, a, b in zip(("losses", "grad_logits", "logits"), cpp, py):
+            for what, a, b in zip(("total", "losses", "grad_logits", "logits"), cpp, py):
                 _assert_parity(a, b, dtype, f"{label} multi_task_loss {what}")
         for chunk_rows in (1, 5, 64):
             cpp = ops.multi_task_loss_chunked(*op_arg_tuple(args, chunk_rows))
             py = _fallback.multi_task_loss_chunked(*op_arg_tuple(args, chunk_rows))
-            for what, a, b in zip(("losses", "grad_h_per_task", "grad_weight", "grad_bias"), cpp, py):
+            for what, a, b in zip(("total", "losses", "grad_h_per_task", "grad_weight", "grad_bias"), cpp, py):
                 _assert_parity(a, b, dtype, f"{label} chunked({chunk_rows}) {what}")
 
 
@@ -222,16 +244,20 @@ def test_cpp_kernels_match_fallback(dtype):
 def test_cpp_backward_ops_match_fallback(dtype):
     args = op_args(_mixed_case(13), dtype=dtype)
     acc = torch.float64 if dtype == torch.float64 else torch.float32
-    _, grad_logits, _ = ops.multi_task_loss(*op_arg_tuple(args, False))
+    _, _, grad_logits, _ = ops.multi_task_loss(*op_arg_tuple(args, False))
     grad_losses = torch.linspace(-1.0, 2.0, len(args["kinds"]), dtype=acc)
+    grad_total = torch.tensor(0.6, dtype=acc)
+    lam = args["task_weights"]
     for grad_out in (None, torch.randn_like(grad_logits)):
         for has_bias in (True, False):
-            call = (grad_losses, grad_out, grad_logits, args["h"], args["weight"], args["col_task"], has_bias)
-            for what, a, b in zip(("h", "weight", "bias"), ops.multi_task_loss_backward(*call),
-                                  _fallback.multi_task_loss_backward(*call)):
-                _assert_parity(a, b, dtype, f"backward grad_{what}")
+            for output_grads in ((grad_total, grad_losses), (grad_total, None), (None, grad_losses)):
+                call = (*output_grads, lam, grad_out, grad_logits, args["h"], args["weight"], args["col_task"],
+                        has_bias)
+                for what, a, b in zip(("h", "weight", "bias"), ops.multi_task_loss_backward(*call),
+                                      _fallback.multi_task_loss_backward(*call)):
+                    _assert_parity(a, b, dtype, f"backward grad_{what}")
     chunked = ops.multi_task_loss_chunked(*op_arg_tuple(args, 4))
-    call = (grad_losses, *chunked[1:], args["col_task"], dtype)
+    call = (grad_total, grad_losses, lam, *chunked[2:], args["col_task"], dtype)
     for what, a, b in zip(("h", "weight", "bias"), ops.multi_task_loss_chunked_backward(*call),
                           _fallback.multi_task_loss_chunked_backward(*call)):
         _assert_parity(a, b, dtype, f"chunked backward grad_{what}")

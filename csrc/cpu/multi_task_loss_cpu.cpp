@@ -9,8 +9,9 @@
 // on tiles of the block gathered into contiguous buffers. Distillation rows run scalar code on every CPU (their
 // exp / log calls are not vectorised; the structure of cross_entropy_rows would allow it if they ever matter).
 //
-//   multi_task_loss          one GEMM for all heads, the loss pass on the full (N, S) logits, which become the
-//                            returned grad_logits.
+//   multi_task_loss          the head GEMM and the loss pass per panel of rows, each thread on its own panels (the
+//                            logits are read back while in cache); the (N, S) logits become the returned
+//                            grad_logits.
 //   multi_task_loss_chunked  the same per chunk of rows, followed by the chunk's share of the weight, bias and
 //                            per-task input gradients, so the (N, S) logits never exist.
 #include <ATen/ATen.h>
@@ -18,6 +19,8 @@
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <ATen/Version.h>
+#include <ATen/ops/addmm_cpu_dispatch.h>
+#include <ATen/ops/mm_cpu_dispatch.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -46,6 +49,9 @@ constexpr int64_t kBlockRowMultiple = 8;
 // Fewer logits than this per thread do not repay waking another thread: each logit costs 10-30 ns of scalar
 // exp / log1p, or 3-8 ns vectorised, so this is 10-100 us of work against a few us to fork and join.
 constexpr int64_t kMinElementsPerThread = 4096;
+// A thread's panel of logits (GEMM output, then loss pass) holds at most about this many: 256 KiB in fp32, so it is
+// still in L2 when the loss pass reads it.
+constexpr int64_t kPanelElements = 1 << 16;
 // Cross-entropy tasks with at most this many classes go through the class-major kernel (one vector = one class
 // of consecutive rows); wider ones row by row, vectorised along the classes (measured: both alike at 32 classes,
 // the class-major kernel 2-5x faster below 10, the row path faster from 64).
@@ -115,15 +121,6 @@ double complete_rows(const TaskPass<acc_t>& task, int64_t rows) {
   return static_cast<double>(present);
 }
 
-// The (S,) column weights, contiguous; all ones without col_weight, so the inner loops need no branch on it.
-template <typename acc_t>
-at::Tensor column_weights_or_ones(const c10::optional<at::Tensor>& col_weight, int64_t columns) {
-  if (col_weight.has_value()) {
-    return col_weight->contiguous();
-  }
-  return at::ones({columns}, at::TensorOptions().dtype(c10::CppTypeToScalarType<acc_t>::value));
-}
-
 // The whole batch's task description: per-task passes with their gradient scales, the column weights, and the
 // contiguous targets they point into.
 template <typename acc_t>
@@ -131,8 +128,9 @@ class LossProblem {
  public:
   LossProblem(const TaskTable& table, at::TensorList targets, const c10::optional<at::Tensor>& col_weight)
       : columns_(table.columns),
-        col_weight_storage_(column_weights_or_ones<acc_t>(col_weight, table.columns)),
-        col_weight_(col_weight_storage_.const_data_ptr<acc_t>()) {
+        col_weight_storage_(col_weight.has_value() ? col_weight->contiguous() : at::Tensor()),
+        unit_weights_(col_weight.has_value() ? 0 : table.columns, acc_t(1)),
+        col_weight_(col_weight.has_value() ? col_weight_storage_.const_data_ptr<acc_t>() : unit_weights_.data()) {
     const int64_t T = table.num_tasks();
     tasks_.resize(T);
     target_storage_.resize(T);
@@ -190,7 +188,8 @@ class LossProblem {
  private:
   int64_t columns_;
   at::Tensor col_weight_storage_;
-  const acc_t* col_weight_;  // (S,), never null
+  std::vector<acc_t> unit_weights_;  // all ones without col_weight, so the inner loops need no branch on it
+  const acc_t* col_weight_;          // (S,), never null
   std::vector<TaskPass<acc_t>> tasks_;
   std::vector<double> denominators_;
   std::vector<at::Tensor> target_storage_;
@@ -497,10 +496,15 @@ double task_rows(scalar_t* logits, int64_t row_stride, int64_t rows, int64_t fir
 
 // The shared loss pass. logits: (rows, S) row-major holding rows [first_row, first_row + rows) of the batch;
 // overwritten with the scaled logit gradient. Adds each task's loss sum to loss_sums (T entries).
-// Per-block partial sums reduced in block order make the result independent of the thread count.
-template <typename scalar_t, typename acc_t>
+//
+// Rows are cut into blocks (the unit of the loss pass and of its partial sums) and consecutive blocks into panels
+// (the unit of work of one thread). Before its loss pass, a panel's logits are produced by
+// produce_rows(first, count) (rows relative to `logits`), so that a thread runs the head GEMM of its own rows and
+// the loss pass on them while they are still in cache; pass a no-op when the logits already exist. Per-block
+// partial sums reduced in block order make the losses independent of the thread count.
+template <typename scalar_t, typename acc_t, typename ProduceRows>
 void accumulate_loss_and_grad(scalar_t* logits, int64_t rows, int64_t first_row, const LossProblem<acc_t>& problem,
-                              std::vector<double>& loss_sums) {
+                              std::vector<double>& loss_sums, const ProduceRows& produce_rows) {
   const int64_t S = problem.columns();
   const int64_t T = problem.num_tasks();
   int64_t block_rows = std::clamp<int64_t>(kBlockElements / S, 1, kMaxBlockRows);
@@ -508,18 +512,30 @@ void accumulate_loss_and_grad(scalar_t* logits, int64_t rows, int64_t first_row,
     block_rows -= block_rows % kBlockRowMultiple;
   }
   const int64_t num_blocks = (rows + block_rows - 1) / block_rows;
-  const int64_t grain_blocks = std::max<int64_t>(1, kMinElementsPerThread / (block_rows * S));
+  const int64_t block_elements = block_rows * S;
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  // One panel per thread, unless that is more than fits in cache or less than repays waking a thread.
+  int64_t panel_blocks = (num_blocks + threads - 1) / threads;
+  panel_blocks = std::min(panel_blocks, std::max<int64_t>(1, kPanelElements / block_elements));
+  panel_blocks = std::max(panel_blocks, std::max<int64_t>(1, kMinElementsPerThread / block_elements));
+  const int64_t num_panels = (num_blocks + panel_blocks - 1) / panel_blocks;
   std::vector<double> block_sums(num_blocks * T, 0.0);
   const bool vector_kernels = use_vectorized_losses();
 
-  at::parallel_for(0, num_blocks, grain_blocks, [&](int64_t block_begin, int64_t block_end) {
+  at::parallel_for(0, num_panels, 1, [&](int64_t panel_begin, int64_t panel_end) {
     LossScratch<acc_t> scratch(problem, block_rows, vector_kernels);
-    for (int64_t block = block_begin; block < block_end; ++block) {
-      const int64_t row = block * block_rows;
-      const int64_t count = std::min(block_rows, rows - row);
-      for (int64_t t = 0; t < T; ++t) {
-        block_sums[block * T + t] = task_rows(logits + row * S, S, count, first_row + row, problem.tasks()[t],
-                                              problem.col_weight(), vector_kernels, scratch);
+    for (int64_t panel = panel_begin; panel < panel_end; ++panel) {
+      const int64_t block_begin = panel * panel_blocks;
+      const int64_t block_end = std::min(num_blocks, block_begin + panel_blocks);
+      const int64_t panel_row = block_begin * block_rows;
+      produce_rows(panel_row, std::min(block_end * block_rows, rows) - panel_row);
+      for (int64_t block = block_begin; block < block_end; ++block) {
+        const int64_t row = block * block_rows;
+        const int64_t count = std::min(block_rows, rows - row);
+        for (int64_t t = 0; t < T; ++t) {
+          block_sums[block * T + t] = task_rows(logits + row * S, S, count, first_row + row, problem.tasks()[t],
+                                                problem.col_weight(), vector_kernels, scratch);
+        }
       }
     }
   });
@@ -530,58 +546,72 @@ void accumulate_loss_and_grad(scalar_t* logits, int64_t rows, int64_t first_row,
   }
 }
 
-// Validation shared by both ops, before any kernel runs.
-TaskTable check_cpu_inputs(const at::Tensor& h, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
-                           at::TensorList targets, const c10::optional<at::Tensor>& col_weight,
-                           const at::Tensor& col_task, c10::IntArrayRef kinds, c10::IntArrayRef col_offsets,
-                           c10::IntArrayRef ignore_index, c10::ArrayRef<double> params,
-                           const std::vector<std::string>& task_names) {
-  TaskTable table = check_multi_task_inputs(h, weight, bias, targets, col_weight, col_task, kinds, col_offsets,
-                                            ignore_index, params, task_names);
-  check_class_targets_in_range_cpu(table, targets);
-  check_distillation_targets_cpu(table, targets);
-  return table;
+// Validation shared by both ops, before any kernel runs; the value checks read the targets on the host.
+PreparedInputs prepare_cpu_inputs(const at::Tensor& h, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+                                  at::TensorList targets, const at::Tensor& task_weights,
+                                  const c10::optional<at::Tensor>& col_weight, const at::Tensor& col_task,
+                                  c10::IntArrayRef kinds, c10::IntArrayRef col_offsets, c10::IntArrayRef class_dims,
+                                  c10::IntArrayRef ignore_index, c10::ArrayRef<double> params,
+                                  const std::vector<std::string>& task_names) {
+  PreparedInputs prepared = prepare_multi_task_inputs(h, weight, bias, targets, task_weights, col_weight, col_task,
+                                                      kinds, col_offsets, class_dims, ignore_index, params,
+                                                      task_names);
+  check_class_targets_in_range_cpu(prepared.table, prepared.targets);
+  check_distillation_targets_cpu(prepared.table, prepared.targets);
+  return prepared;
 }
 
-// (N, S) logits in a fresh contiguous tensor, which the loss pass then overwrites with their gradient.
-at::Tensor head_logits(const at::Tensor& h, const at::Tensor& weight, const c10::optional<at::Tensor>& bias) {
-  return bias.has_value() ? at::addmm(*bias, h, weight.t()) : at::mm(h, weight.t());
-}
-
-// h @ weight^T (+ bias) into a preallocated (rows, S) buffer.
+// h @ weight^T (+ bias) into a preallocated (rows, S) buffer. Through the CPU kernels directly (no dispatcher, no
+// autograd): it also runs on the loss pass's worker threads, where the caller's grad mode does not apply.
 void linear_into(at::Tensor& out, const at::Tensor& h, const at::Tensor& weight,
                  const c10::optional<at::Tensor>& bias) {
   if (bias.has_value()) {
-    at::addmm_out(out, *bias, h, weight.t());
+    at::cpu::addmm_out(out, *bias, h, weight.t());
   } else {
-    at::mm_out(out, h, weight.t());
+    at::cpu::mm_out(out, h, weight.t());
   }
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> multi_task_loss_cpu(
-    const at::Tensor& h, const at::Tensor& weight, const c10::optional<at::Tensor>& bias, at::TensorList targets,
-    const c10::optional<at::Tensor>& col_weight, const at::Tensor& col_task, c10::IntArrayRef kinds,
-    c10::IntArrayRef col_offsets, c10::IntArrayRef ignore_index, c10::ArrayRef<double> params,
-    const std::vector<std::string>& task_names, bool return_logits) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> multi_task_loss_cpu(
+    const at::Tensor& h_in, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+    at::TensorList targets_in, const at::Tensor& task_weights, const c10::optional<at::Tensor>& col_weight,
+    const at::Tensor& col_task, c10::IntArrayRef kinds, c10::IntArrayRef col_offsets, c10::IntArrayRef class_dims,
+    c10::IntArrayRef ignore_index, c10::ArrayRef<double> params, const std::vector<std::string>& task_names,
+    bool return_logits) {
   // The ATen calls below are implementation steps: never recorded by autograd (the op's own formula is
-  // registered in mtlfast/ops.py), and the out= GEMMs of the chunked op refuse inputs that require grad.
+  // registered in mtlfast/ops.py).
   at::NoGradGuard no_grad;
-  const TaskTable table = check_cpu_inputs(h, weight, bias, targets, col_weight, col_task, kinds, col_offsets,
-                                           ignore_index, params, task_names);
+  const PreparedInputs prepared = prepare_cpu_inputs(h_in, weight, bias, targets_in, task_weights, col_weight,
+                                                     col_task, kinds, col_offsets, class_dims, ignore_index, params,
+                                                     task_names);
+  const TaskTable& table = prepared.table;
+  const at::Tensor& h = prepared.h;
+  const at::TensorList targets = prepared.targets;
   const at::ScalarType acc_dtype = accumulation_dtype(h.scalar_type());
-  at::Tensor grad_logits = head_logits(h, weight, bias);
-  // The loss pass overwrites the logits with their gradient: keep a copy only when asked for.
-  const at::Tensor logits = return_logits ? grad_logits.clone() : at::empty({0}, h.options());
+  const int64_t S = table.columns;
+  // The logits, which the loss pass then overwrites with their gradient; each thread computes its own panel of
+  // rows with one GEMM just before its loss pass. A copy is kept only when asked for.
+  at::Tensor grad_logits = at::empty({table.rows, S}, h.options());
+  const at::Tensor logits = return_logits ? at::empty({table.rows, S}, h.options()) : at::empty({0}, h.options());
 
   at::Tensor losses;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, h.scalar_type(), "mtlfast::multi_task_loss (CPU)", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const LossProblem<acc_t> problem(table, targets, col_weight);
     std::vector<double> loss_sums(table.num_tasks(), 0.0);
-    accumulate_loss_and_grad(grad_logits.data_ptr<scalar_t>(), table.rows, /*first_row=*/0, problem, loss_sums);
+    scalar_t* grad_data = grad_logits.data_ptr<scalar_t>();
+    scalar_t* logits_data = return_logits ? logits.data_ptr<scalar_t>() : nullptr;
+    const auto produce_rows = [&](int64_t first, int64_t count) {
+      at::Tensor rows = grad_logits.narrow(0, first, count);
+      linear_into(rows, h.narrow(0, first, count), weight, bias);
+      if (logits_data != nullptr) {
+        std::copy_n(grad_data + first * S, count * S, logits_data + first * S);
+      }
+    };
+    accumulate_loss_and_grad(grad_data, table.rows, /*first_row=*/0, problem, loss_sums, produce_rows);
     losses = problem.mean_losses(loss_sums, h.options().dtype(acc_dtype));
   });
-  return {losses, grad_logits, logits};
+  return {weighted_total(losses, prepared.task_weights), losses, grad_logits, logits};
 }
 
 // The unscaled gradients the chunked op returns, in the accumulation dtype.
@@ -614,14 +644,19 @@ void accumulate_chunk_gradients(ChunkedGradients& grads, const at::Tensor& grad_
 // Per chunk of rows: the logits in h's dtype (as in the unchunked op), then the loss pass and the gradient GEMMs
 // in the accumulation dtype (fp32 for bf16 / fp16: exact accumulation across chunks, and faster than half GEMMs
 // on CPUs without half-precision matrix units).
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> multi_task_loss_chunked_cpu(
-    const at::Tensor& h, const at::Tensor& weight, const c10::optional<at::Tensor>& bias, at::TensorList targets,
-    const c10::optional<at::Tensor>& col_weight, const at::Tensor& col_task, c10::IntArrayRef kinds,
-    c10::IntArrayRef col_offsets, c10::IntArrayRef ignore_index, c10::ArrayRef<double> params,
-    const std::vector<std::string>& task_names, int64_t chunk_rows) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> multi_task_loss_chunked_cpu(
+    const at::Tensor& h_in, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+    at::TensorList targets_in, const at::Tensor& task_weights, const c10::optional<at::Tensor>& col_weight,
+    const at::Tensor& col_task, c10::IntArrayRef kinds, c10::IntArrayRef col_offsets, c10::IntArrayRef class_dims,
+    c10::IntArrayRef ignore_index, c10::ArrayRef<double> params, const std::vector<std::string>& task_names,
+    int64_t chunk_rows) {
   at::NoGradGuard no_grad;  // as in multi_task_loss_cpu
-  const TaskTable table = check_cpu_inputs(h, weight, bias, targets, col_weight, col_task, kinds, col_offsets,
-                                           ignore_index, params, task_names);
+  const PreparedInputs prepared = prepare_cpu_inputs(h_in, weight, bias, targets_in, task_weights, col_weight,
+                                                     col_task, kinds, col_offsets, class_dims, ignore_index, params,
+                                                     task_names);
+  const TaskTable& table = prepared.table;
+  const at::Tensor& h = prepared.h;
+  const at::TensorList targets = prepared.targets;
   TORCH_CHECK_VALUE(chunk_rows > 0, "mtlfast: chunk_rows must be positive, got ", chunk_rows);
   const int64_t N = table.rows;
   const int64_t S = table.columns;
@@ -653,12 +688,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> multi_task_loss_chunk
       if (half_input) {
         grad_chunk.copy_(chunk_logits);
       }
-      accumulate_loss_and_grad(grad_chunk.data_ptr<acc_t>(), rows, first_row, problem, loss_sums);
+      accumulate_loss_and_grad(grad_chunk.data_ptr<acc_t>(), rows, first_row, problem, loss_sums,
+                               [](int64_t, int64_t) {});
       accumulate_chunk_gradients(grads, grad_chunk, h_chunk.to(acc_dtype), weight_acc, problem, first_row);
     }
     losses = problem.mean_losses(loss_sums, acc_options);
   });
-  return {losses, grads.input_per_task, grads.weight, grads.bias};
+  return {weighted_total(losses, prepared.task_weights), losses, grads.input_per_task, grads.weight, grads.bias};
 }
 
 }  // namespace

@@ -162,15 +162,19 @@ void gemm_to_accumulator(at::Tensor& out, const at::Tensor& a, const at::Tensor&
 #endif
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> multi_task_loss_cuda(
-    const at::Tensor& h, const at::Tensor& weight, const c10::optional<at::Tensor>& bias, at::TensorList targets,
-    const c10::optional<at::Tensor>& col_weight, const at::Tensor& col_task, c10::IntArrayRef kinds,
-    c10::IntArrayRef col_offsets, c10::IntArrayRef ignore_index, c10::ArrayRef<double> params,
-    const std::vector<std::string>& task_names, bool return_logits) {
-  const TaskTable table = check_multi_task_inputs(h, weight, bias, targets, col_weight, col_task, kinds, col_offsets,
-                                                  ignore_index, params, task_names);
-  const c10::cuda::CUDAGuard guard(h.device());
-  LossPipeline pipeline(table, h, targets, col_weight);
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> multi_task_loss_cuda(
+    const at::Tensor& h_in, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+    at::TensorList targets_in, const at::Tensor& task_weights, const c10::optional<at::Tensor>& col_weight,
+    const at::Tensor& col_task, c10::IntArrayRef kinds, c10::IntArrayRef col_offsets, c10::IntArrayRef class_dims,
+    c10::IntArrayRef ignore_index, c10::ArrayRef<double> params, const std::vector<std::string>& task_names,
+    bool return_logits) {
+  const c10::cuda::CUDAGuard guard(h_in.device());
+  const PreparedInputs prepared = prepare_multi_task_inputs(h_in, weight, bias, targets_in, task_weights, col_weight,
+                                                            col_task, kinds, col_offsets, class_dims, ignore_index,
+                                                            params, task_names);
+  const TaskTable& table = prepared.table;
+  const at::Tensor& h = prepared.h;
+  LossPipeline pipeline(table, h, prepared.targets, col_weight);
 
   const at::Tensor logits = head_logits(h, weight, bias).contiguous();
   // Without return_logits the gradient overwrites the logits (one buffer, one pass).
@@ -178,19 +182,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> multi_task_loss_cuda(
   pipeline.compute_denominators();
   pipeline.segment_losses(logits, grad_logits, 0);
   const at::Tensor losses = pipeline.finalize();
-  return {losses, grad_logits, return_logits ? logits : at::empty({0}, h.options())};
+  return {weighted_total(losses, prepared.task_weights), losses, grad_logits,
+          return_logits ? logits : at::empty({0}, h.options())};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> multi_task_loss_chunked_cuda(
-    const at::Tensor& h, const at::Tensor& weight, const c10::optional<at::Tensor>& bias, at::TensorList targets,
-    const c10::optional<at::Tensor>& col_weight, const at::Tensor& col_task, c10::IntArrayRef kinds,
-    c10::IntArrayRef col_offsets, c10::IntArrayRef ignore_index, c10::ArrayRef<double> params,
-    const std::vector<std::string>& task_names, int64_t chunk_rows) {
-  const TaskTable table = check_multi_task_inputs(h, weight, bias, targets, col_weight, col_task, kinds, col_offsets,
-                                                  ignore_index, params, task_names);
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> multi_task_loss_chunked_cuda(
+    const at::Tensor& h_in, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+    at::TensorList targets_in, const at::Tensor& task_weights, const c10::optional<at::Tensor>& col_weight,
+    const at::Tensor& col_task, c10::IntArrayRef kinds, c10::IntArrayRef col_offsets, c10::IntArrayRef class_dims,
+    c10::IntArrayRef ignore_index, c10::ArrayRef<double> params, const std::vector<std::string>& task_names,
+    int64_t chunk_rows) {
+  const c10::cuda::CUDAGuard guard(h_in.device());
+  const PreparedInputs prepared = prepare_multi_task_inputs(h_in, weight, bias, targets_in, task_weights, col_weight,
+                                                            col_task, kinds, col_offsets, class_dims, ignore_index,
+                                                            params, task_names);
   TORCH_CHECK_VALUE(chunk_rows > 0, "mtlfast: chunk_rows must be positive, got ", chunk_rows);
-  const c10::cuda::CUDAGuard guard(h.device());
-  LossPipeline pipeline(table, h, targets, col_weight);
+  const TaskTable& table = prepared.table;
+  const at::Tensor& h = prepared.h;
+  LossPipeline pipeline(table, h, prepared.targets, col_weight);
 
   const int64_t N = table.rows;
   const int64_t D = table.features;
@@ -240,7 +249,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> multi_task_loss_chunk
     }
   }
   const at::Tensor losses = pipeline.finalize();
-  return {losses, grad_h_per_task, grad_weight, grad_bias};
+  return {weighted_total(losses, prepared.task_weights), losses, grad_h_per_task, grad_weight, grad_bias};
 }
 
 }  // namespace

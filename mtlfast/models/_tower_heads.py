@@ -64,16 +64,16 @@ class TowerHeads(MultiTaskHeads):
         """Losses of the tasks with a target in ``targets`` (mapping task name → target; absent tasks skipped)."""
         if per_task_input_grads:
             raise ValueError("mtlfast: per-task tower heads have no shared input to take per-task gradients against")
-        present = self._present_tasks(targets)
+        given, present = self._present_tasks(targets)
         h_cat, block_diagonal = self._concatenated(z)
         group = self._group
         out = multi_task_loss(
-            h_cat, block_diagonal, group.bias, [targets.get(name) for name in self.task_names], group.layout,
+            h_cat, block_diagonal, group.bias, given, group.layout,
             self.task_weights, return_logits=return_logits, chunk_rows=self.chunk_rows,
             _tables=(group.col_task, group.col_weight),
         )
         logits = _split_columns(out.logits, group.layout) if return_logits else None
-        return MultiTaskOutput(out.total, out.losses, present, logits=logits)
+        return MultiTaskOutput(out.total, out.losses, self.task_names, present, logits=logits)
 
     def logits(self, z: torch.Tensor) -> dict[str, torch.Tensor]:
         """Differentiable logits of every head, name → (..., C_t) ((...) for Binary and Regression(dim=1))."""

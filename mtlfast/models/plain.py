@@ -73,8 +73,8 @@ class PlainMultiTaskModel(nn.Module):
             losses.append(plain_task_loss(task, logits, target).to(acc))
         loss_vector = torch.stack(losses)
         total = (self.task_weights.to(loss_vector.dtype) * loss_vector).sum()
-        present = [(name, targets.get(name) is not None) for name in self.task_names]
-        return MultiTaskOutput(total, loss_vector, present)
+        present = [targets.get(name) is not None for name in self.task_names]
+        return MultiTaskOutput(total, loss_vector, self.task_names, present)
 
     @torch.no_grad()
     def predict(self, x: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -51,15 +51,15 @@ class MultiTaskOutput:
     :meth:`input_gram` gives the (T, T) Gram matrix of those gradients, what gradient-balancing methods consume.
     """
 
-    def __init__(self, loss, loss_vector, present, logits=None, input_grads=None, input_grad_groups=None):
+    def __init__(self, loss, loss_vector, names: Sequence[str], present: Sequence[bool], logits=None,
+                 input_grads=None, input_grad_groups=None):
         self.loss = loss
         self.loss_vector = loss_vector
-        names = [name for name, here in present if here]
-        if len(names) == len(present):
+        if all(present):
             self.losses: Mapping[str, torch.Tensor] = _LazySplit(loss_vector, names, torch.unbind)
         else:
-            rows = [i for i, (_, here) in enumerate(present) if here]
-            self.losses = _LazySplit(loss_vector, names, lambda v: [v[i] for i in rows])
+            rows = [i for i, here in enumerate(present) if here]
+            self.losses = _LazySplit(loss_vector, [names[i] for i in rows], lambda v: [v[i] for i in rows])
         self.logits = logits
         self.input_grads = input_grads
         self._input_grad_groups = input_grad_groups
@@ -165,6 +165,7 @@ class MultiTaskHeads(nn.Module):
             "_restore_order", None if restore == list(range(len(tasks))) else torch.tensor(restore, device=device),
             persistent=False,
         )
+        self._single_group = len(self.packed) == 1
         self.chunk_rows = chunk_rows
         lam_dtype = torch.float64 if dtype == torch.float64 else torch.float32
         self.register_buffer(
@@ -240,52 +241,68 @@ class MultiTaskHeads(nn.Module):
 
         ``h`` is (..., D) or a mapping input name → (..., D_input); targets follow the batch shape of their input.
         """
-        present = self._present_tasks(targets)
+        given, present = self._present_tasks(targets)
+        if self._single_group:  # the common case, kept free of per-group bookkeeping
+            input_name, group = next(iter(self.packed.items()))
+            out = self._group_loss(group, self._inputs_of(h)[input_name], given, self.task_weights,
+                                   return_logits, per_task_input_grads)
+            return MultiTaskOutput(
+                out.total, out.losses, self.task_names, present,
+                logits=_split_columns(out.logits, group.layout) if return_logits else None,
+                input_grads=dict(zip(self.task_names, out.input_grads.unbind(0))) if per_task_input_grads else None,
+                input_grad_groups=[(None, out.input_grads)] if per_task_input_grads else None,
+            )
         representations = self._inputs_of(h)
-        loss_vectors, logits, input_grads, grad_groups = [], {}, {}, []
-        single_group = len(self.packed) == 1
+        by_name = dict(zip(self.task_names, given))
+        totals, loss_vectors, logits, input_grads, grad_groups = [], [], {}, {}, []
         for input_name, group in self.packed.items():
             layout = group.layout
-            lam = self.task_weights if single_group else self.task_weights.index_select(0, group.task_index)
             x = representations[input_name]
-            group_targets = [targets.get(name) for name in layout.names]
+            group_targets = [by_name[name] for name in layout.names]
             if all(t is None for t in group_targets):
-                acc = accumulation_dtype(x.dtype)
-                loss_vectors.append(torch.zeros(layout.num_tasks, dtype=acc, device=x.device))
+                loss_vectors.append(torch.zeros(layout.num_tasks, dtype=accumulation_dtype(x.dtype), device=x.device))
                 continue
-            out = multi_task_loss(
-                x, group.weight, group.bias, group_targets, layout, lam,
-                return_logits=return_logits, per_task_input_grads=per_task_input_grads, chunk_rows=self.chunk_rows,
-                _tables=(group.col_task, group.col_weight),
-            )
+            lam = self.task_weights.index_select(0, group.task_index)
+            out = self._group_loss(group, x, group_targets, lam, return_logits, per_task_input_grads)
+            totals.append(out.total)
             loss_vectors.append(out.losses)
             if return_logits:
                 logits.update(_split_columns(out.logits, layout))
             if per_task_input_grads:
                 input_grads.update(zip(layout.names, out.input_grads.unbind(0)))
-                grad_groups.append((None if single_group else group.task_index, out.input_grads))
-        loss_vector = loss_vectors[0] if single_group else torch.cat(loss_vectors)
+                grad_groups.append((group.task_index, out.input_grads))
+        loss_vector = torch.cat(loss_vectors)
         if self._restore_order is not None:
             loss_vector = loss_vector.index_select(0, self._restore_order)
-        total = (self.task_weights.to(loss_vector.dtype) * loss_vector).sum()
         return MultiTaskOutput(
-            total, loss_vector, present,
+            torch.stack(totals).sum(), loss_vector, self.task_names, present,
             logits=logits if return_logits else None,
             input_grads=input_grads if per_task_input_grads else None,
             input_grad_groups=grad_groups if per_task_input_grads else None,
         )
 
-    def _present_tasks(self, targets: Targets) -> list[tuple[str, bool]]:
-        """(name, has a target) per task, in task order, after checking ``targets`` names only known tasks."""
+    def _group_loss(self, group: _PackedHeads, x: torch.Tensor, targets: list, task_weights: torch.Tensor,
+                    return_logits: bool, per_task_input_grads: bool):
+        return multi_task_loss(
+            x, group.weight, group.bias, targets, group.layout, task_weights,
+            return_logits=return_logits, per_task_input_grads=per_task_input_grads, chunk_rows=self.chunk_rows,
+            _tables=(group.col_task, group.col_weight),
+        )
+
+    def _present_tasks(self, targets: Targets) -> tuple[list, list[bool]]:
+        """Every task's target (None when absent) and whether it has one, in task order, after checking that
+        ``targets`` names only known tasks."""
         if not isinstance(targets, Mapping):
             raise TypeError("mtlfast: MultiTaskHeads targets must be a mapping task name → tensor")
-        unknown = sorted(set(targets) - set(self.task_names))
-        if unknown:
-            raise KeyError(f"mtlfast: targets given for unknown tasks {unknown}; tasks are {list(self.task_names)}")
-        present = [(name, targets.get(name) is not None) for name in self.task_names]
-        if not any(here for _, here in present):
+        given = [targets.get(name) for name in self.task_names]
+        present = [target is not None for target in given]
+        if len(targets) != sum(present):  # some key is not a task, or maps to None
+            unknown = sorted(set(targets) - set(self.task_names))
+            if unknown:
+                raise KeyError(f"mtlfast: targets given for unknown tasks {unknown}; tasks are {list(self.task_names)}")
+        if not any(present):
             raise ValueError(f"mtlfast: no targets given for any task of {list(self.task_names)}")
-        return present
+        return given, present
 
     @torch.no_grad()
     def predict(self, h: torch.Tensor | Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

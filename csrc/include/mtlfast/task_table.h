@@ -17,6 +17,7 @@ struct TaskTable {
   int64_t columns = 0;   // S = Σ C_t
   std::vector<int64_t> kinds;
   std::vector<int64_t> col_offsets;  // T + 1
+  std::vector<int64_t> class_dims;   // 1: the target has a trailing (C_t,) dim
   std::vector<int64_t> ignore_index;
   std::vector<double> params;
   std::vector<std::string> names;
@@ -27,14 +28,35 @@ struct TaskTable {
   std::string describe(int64_t task) const;
 };
 
-// Checks shapes, dtypes, devices and list lengths of a forward op's inputs and returns the table.
-// Throws c10 errors that surface in Python as ValueError / TypeError naming the task.
-TaskTable check_multi_task_inputs(const at::Tensor& h, const at::Tensor& weight,
-                                  const c10::optional<at::Tensor>& bias, at::TensorList targets,
-                                  const c10::optional<at::Tensor>& col_weight, const at::Tensor& col_task,
-                                  c10::IntArrayRef kinds, c10::IntArrayRef col_offsets,
-                                  c10::IntArrayRef ignore_index, c10::ArrayRef<double> params,
-                                  const std::vector<std::string>& task_names);
+// A forward op's inputs, validated, in the layout the kernels read.
+struct PreparedInputs {
+  TaskTable table;
+  at::Tensor h;                     // (N, D): h with its batch dims flattened
+  // Per task, contiguous, int64 (class indices) or the accumulation dtype, of the batch shape (+ C_t): read as an
+  // (N,) / (N, C_t) row-major array. Undefined when the task is absent.
+  std::vector<at::Tensor> targets;
+  at::Tensor task_weights;          // (T,) accumulation dtype
+};
+
+// Checks shapes, dtypes, devices and list lengths of a forward op's inputs (argument conventions:
+// csrc/registration.cpp) and brings h and the targets to the kernel layout (flattened batch dims; integer class
+// indices to int64, dense targets to the accumulation dtype). Throws c10 errors that surface in Python as
+// ValueError / TypeError naming the task.
+PreparedInputs prepare_multi_task_inputs(const at::Tensor& h, const at::Tensor& weight,
+                                         const c10::optional<at::Tensor>& bias, at::TensorList targets,
+                                         const at::Tensor& task_weights, const c10::optional<at::Tensor>& col_weight,
+                                         const at::Tensor& col_task, c10::IntArrayRef kinds,
+                                         c10::IntArrayRef col_offsets, c10::IntArrayRef class_dims,
+                                         c10::IntArrayRef ignore_index, c10::ArrayRef<double> params,
+                                         const std::vector<std::string>& task_names);
+
+// Σ_t λ_t L_t as a 0-dim tensor (losses and task_weights in the accumulation dtype, on one device).
+at::Tensor weighted_total(const at::Tensor& losses, const at::Tensor& task_weights);
+
+// The backward's per-task coefficients c = grad_total·λ + grad_losses, in the accumulation dtype; either gradient
+// may be absent (its output was not used), and c = 0 when both are.
+at::Tensor task_coefficients(const c10::optional<at::Tensor>& grad_total, const c10::optional<at::Tensor>& grad_losses,
+                             const at::Tensor& task_weights, at::ScalarType acc_dtype);
 
 // The dtype losses and dense targets use: float64 for float64 inputs, float32 otherwise.
 at::ScalarType accumulation_dtype(at::ScalarType input_dtype);
