@@ -77,9 +77,12 @@ class Problem:
             return None if t is None else t.to(device=device or t.device, dtype=to_dtype or t.dtype)
 
         targets = [move(y, None if y.dtype == torch.int64 else acc) for y in self.targets]
-        return (move(self.h, dtype), move(self.weight, dtype), move(self.bias, dtype), targets,
-                move(self.col_weight, acc), move(self.col_task), self.kinds, self.col_offsets, self.ignore_index,
-                self.params, self.names)
+        # Targets here are (N,) class indices and (N, C) dense arrays, so every dense task has a class dim.
+        class_dims = [0 if kind == CE else 1 for kind in self.kinds]
+        task_weights = torch.ones(len(self.kinds), dtype=acc, device=device or self.h.device)
+        return (move(self.h, dtype), move(self.weight, dtype), move(self.bias, dtype), targets, task_weights,
+                move(self.col_weight, acc), move(self.col_task), self.kinds, self.col_offsets, class_dims,
+                self.ignore_index, self.params, self.names)
 
 
 def make_problem(name: str, tasks: list[Task], n: int, d: int, bias: bool, seed: int, dtype=torch.float32,
@@ -262,6 +265,16 @@ class Report:
             print(f"{problem:10s} {dtype:9s} {check:34s} {err:12.2e} {tol:8.0e}  {result} {note}")
 
 
+def loss_op(*args):
+    """torch.ops.mtlfast.multi_task_loss without its first output (the total): (losses, grad_logits, logits)."""
+    return torch.ops.mtlfast.multi_task_loss(*args)[1:]
+
+
+def chunked_op(*args):
+    """torch.ops.mtlfast.multi_task_loss_chunked without the total: (losses, grad_h_per_task, grad_w, grad_b)."""
+    return torch.ops.mtlfast.multi_task_loss_chunked(*args)[1:]
+
+
 def has_kernel(op: str, key: str) -> bool:
     return torch._C._dispatch_has_kernel_for_dispatch_key(f"mtlfast::{op}", key)
 
@@ -269,8 +282,8 @@ def has_kernel(op: str, key: str) -> bool:
 def check_problem(p: Problem, dtype, report: Report, cpu_op: bool, chunk_rows: int):
     ops = torch.ops.mtlfast
     args = p.args()
-    losses, grad, logits = ops.multi_task_loss(*args, True)
-    losses2, grad2, _ = ops.multi_task_loss(*args, False)  # second call, gradient written over the logits
+    losses, grad, logits = loss_op(*args, True)
+    losses2, grad2, _ = loss_op(*args, False)  # second call, gradient written over the logits
     same = torch.equal(losses.nan_to_num(), losses2.nan_to_num()) and torch.equal(grad, grad2)
     report.flag(p.name, dtype, "2 calls bitwise equal (2nd in place)", same)
 
@@ -286,12 +299,12 @@ def check_problem(p: Problem, dtype, report: Report, cpu_op: bool, chunk_rows: i
     report.add(p.name, dtype, "e2e losses vs F reference", rel_err(losses, e_losses), E2E_TOL[dtype])
     report.add(p.name, dtype, "e2e grad_logits vs F reference", rel_err(grad, e_grad), E2E_TOL[dtype])
     if cpu_op:
-        c_losses, c_grad, _ = ops.multi_task_loss(*p.args("cpu", torch.float64), False)
+        c_losses, c_grad, _ = loss_op(*p.args("cpu", torch.float64), False)
         report.add(p.name, dtype, "e2e losses vs CPU op (f64)", rel_err(losses, c_losses), E2E_TOL[dtype])
         report.add(p.name, dtype, "e2e grad_logits vs CPU op (f64)", rel_err(grad, c_grad), E2E_TOL[dtype])
 
     # Chunked op (chunks not a divisor of N, rounded up to a multiple of 32 inside).
-    ch_losses, ch_dh, ch_dw, ch_db = ops.multi_task_loss_chunked(*args, chunk_rows)
+    ch_losses, ch_dh, ch_dw, ch_db = chunked_op(*args, chunk_rows)
     r_dh, r_dw, r_db = reference_chunked(p, e_grad)
     report.add(p.name, dtype, f"chunked({chunk_rows}) losses", rel_err(ch_losses, e_losses), E2E_TOL[dtype])
     report.add(p.name, dtype, f"chunked({chunk_rows}) grad_h_per_task", rel_err(ch_dh, r_dh), E2E_TOL[dtype])
@@ -301,7 +314,7 @@ def check_problem(p: Problem, dtype, report: Report, cpu_op: bool, chunk_rows: i
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     report.flag(p.name, dtype, "chunked output dtypes", all(t.dtype == acc for t in (ch_losses, ch_dh, ch_dw)))
     if cpu_op and has_kernel("multi_task_loss_chunked", "CPU"):
-        c = ops.multi_task_loss_chunked(*p.args("cpu", torch.float64), chunk_rows)
+        c = chunked_op(*p.args("cpu", torch.float64), chunk_rows)
         report.add(p.name, dtype, "chunked grad_weight vs CPU op", rel_err(ch_dw, c[2]), E2E_TOL[dtype])
 
 
@@ -310,7 +323,7 @@ def check_invalid_target(dtype, report: Report):
     p = make_problem("invalid", tasks, 64, 32, True, 9, dtype, "cuda")
     p.targets[0][5] = 7  # out of range (C = 7)
     p.targets[2][9] = -3
-    losses, grad, logits = torch.ops.mtlfast.multi_task_loss(*p.args(), True)
+    losses, grad, logits = loss_op(*p.args(), True)
     ok = bool(torch.isnan(losses[0]) and torch.isnan(losses[2]) and torch.isfinite(losses[1]))
     ok &= bool((grad[5, 0:7] == 0).all() and (grad[9, 9:2009] == 0).all())
     p.targets[0][5] = p.ignore_index[0]  # the other rows must match an ignored row
@@ -323,16 +336,16 @@ def check_invalid_target(dtype, report: Report):
 def check_graph_capture(p: Problem, dtype, report: Report):
     ops = torch.ops.mtlfast
     args = p.args()
-    eager = ops.multi_task_loss(*args, False)
+    eager = loss_op(*args, False)
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
         for _ in range(2):
-            ops.multi_task_loss(*args, False)
+            loss_op(*args, False)
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        captured = ops.multi_task_loss(*args, False)
+        captured = loss_op(*args, False)
     graph.replay()
     torch.cuda.synchronize()
     report.flag(p.name, dtype, "CUDA graph capture + replay",
@@ -400,7 +413,7 @@ def bench_configs(dtype):
         h, w, b = p.h, p.weight, p.bias
         if chunk_rows is None:
             def op(args=args):
-                return ops.multi_task_loss(*args, False)
+                return loss_op(*args, False)
 
             def gemm(h=h, w=w, b=b):
                 return torch.addmm(b, h, w.t()) if b is not None else h @ w.t()
@@ -410,7 +423,7 @@ def bench_configs(dtype):
             z = h @ w.t()
 
             def op(args=args, chunk_rows=chunk_rows):
-                return ops.multi_task_loss_chunked(*args, chunk_rows)
+                return chunked_op(*args, chunk_rows)
 
             def gemm(h=h, w=w, z=z):  # the three GEMMs of the chunked op: logits, dW = dzᵀ h, dh = dz W
                 return h @ w.t(), z.t() @ h, z @ w

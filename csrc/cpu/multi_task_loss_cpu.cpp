@@ -514,11 +514,14 @@ void accumulate_loss_and_grad(scalar_t* logits, int64_t rows, int64_t first_row,
   const int64_t num_blocks = (rows + block_rows - 1) / block_rows;
   const int64_t block_elements = block_rows * S;
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
-  // One panel per thread, unless that is more than fits in cache or less than repays waking a thread.
-  int64_t panel_blocks = (num_blocks + threads - 1) / threads;
-  panel_blocks = std::min(panel_blocks, std::max<int64_t>(1, kPanelElements / block_elements));
-  panel_blocks = std::max(panel_blocks, std::max<int64_t>(1, kMinElementsPerThread / block_elements));
-  const int64_t num_panels = (num_blocks + panel_blocks - 1) / panel_blocks;
+  // Panels small enough to stay in cache and large enough to repay waking a thread, and a multiple of the thread
+  // count where possible: at::parallel_for gives each thread an equal run of panels, and the GEMMs dominate.
+  const int64_t max_panel_blocks = std::max<int64_t>(1, kPanelElements / block_elements);
+  const int64_t min_panel_blocks = std::max<int64_t>(1, kMinElementsPerThread / block_elements);
+  int64_t num_panels = (num_blocks + max_panel_blocks - 1) / max_panel_blocks;
+  num_panels = std::min(num_blocks, (num_panels + threads - 1) / threads * threads);
+  int64_t panel_blocks = std::max(min_panel_blocks, (num_blocks + num_panels - 1) / num_panels);
+  num_panels = (num_blocks + panel_blocks - 1) / panel_blocks;
   std::vector<double> block_sums(num_blocks * T, 0.0);
   const bool vector_kernels = use_vectorized_losses();
 
