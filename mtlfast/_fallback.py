@@ -379,8 +379,9 @@ def multi_task_loss_chunked(h, weight, bias, targets, task_weights, col_weight, 
     return (losses * task_weights).sum(), losses, grad_h_per_task, grad_weight, grad_bias
 
 
-def _coefficients(grad_total, grad_losses, task_weights, acc):
-    """c = grad_total·λ + grad_losses (csrc/task_table.cpp's task_coefficients)."""
+def task_coefficients(grad_total, grad_losses, task_weights, acc):
+    """c = grad_total·λ + grad_losses in dtype ``acc`` (csrc/task_table.cpp's task_coefficients); either gradient
+    may be None."""
     c = torch.zeros(task_weights.shape[0], dtype=acc, device=task_weights.device)
     if grad_total is not None:
         c = c + task_weights.to(acc) * grad_total.to(acc)
@@ -392,7 +393,7 @@ def _coefficients(grad_total, grad_losses, task_weights, acc):
 def multi_task_loss_backward(grad_total, grad_losses, task_weights, grad_logits_output, grad_logits, h_in, weight,
                              col_task, has_bias):
     h = h_in.reshape(-1, h_in.shape[-1])
-    coeff = _coefficients(grad_total, grad_losses, task_weights, _acc(h.dtype)).index_select(0, col_task)
+    coeff = task_coefficients(grad_total, grad_losses, task_weights, _acc(h.dtype)).index_select(0, col_task)
     if grad_logits_output is not None:
         dz = (grad_logits.to(coeff.dtype) * coeff + grad_logits_output.to(coeff.dtype)).to(h.dtype)
         grad_h, grad_weight = dz @ weight, dz.t() @ h
@@ -407,7 +408,7 @@ def multi_task_loss_backward(grad_total, grad_losses, task_weights, grad_logits_
 def multi_task_loss_chunked_backward(grad_total, grad_losses, task_weights, grad_h_per_task, grad_weight, grad_bias,
                                      col_task, h_dtype):
     T, N, D = grad_h_per_task.shape
-    c = _coefficients(grad_total, grad_losses, task_weights, grad_h_per_task.dtype)
+    c = task_coefficients(grad_total, grad_losses, task_weights, grad_h_per_task.dtype)
     grad_h = (c.view(1, T) @ grad_h_per_task.reshape(T, N * D)).view(N, D).to(h_dtype)
     coeff = c.index_select(0, col_task)
     grad_b = (grad_bias * coeff).to(h_dtype) if grad_bias.numel() > 0 else grad_bias.new_empty(0, dtype=h_dtype)

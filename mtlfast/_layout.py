@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 import torch
 
-from mtlfast.tasks import LossKind, Task
+from mtlfast.tasks import Task
 
 
 class TaskLayout:

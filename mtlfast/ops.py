@@ -217,11 +217,7 @@ class _MultiTaskLossChunked(torch.autograd.Function):
         # largest tensor of the step. The saved tensors are then used up by one backward.
         ctx.used_up = True
         T, N, D = grad_h_per_task.shape
-        c = torch.zeros(T, dtype=grad_h_per_task.dtype, device=grad_h_per_task.device)
-        if grad_total is not None:
-            c = c + grad_total.to(c.dtype) * task_weights.to(c.dtype)
-        if grad_losses is not None:
-            c = c + grad_losses.to(c.dtype)
+        c = _fallback.task_coefficients(grad_total, grad_losses, task_weights, grad_h_per_task.dtype)
         grad_h = (c.view(1, T) @ grad_h_per_task.view(T, N * D)).view(ctx.h_shape).to(ctx.h_dtype)
         coeff = c.index_select(0, col_task)
         grad_w = grad_weight.mul_(coeff.unsqueeze(1)).to(ctx.h_dtype)
