@@ -27,6 +27,10 @@
 
 #include "mtlfast/build_info.h"
 
+namespace mtlfast {
+void bind_eager_autograd(pybind11::module_& module);  // csrc/eager_autograd.cpp
+}  // namespace mtlfast
+
 TORCH_LIBRARY(mtlfast, m) {
   // Small heads: the logit gradient dL_t/dz (already divided by each task's denominator) is produced while the
   // logits are hot and returned for the backward. logits is returned only when return_logits (else empty).
@@ -64,10 +68,11 @@ TORCH_LIBRARY(mtlfast, m) {
 }
 
 PYBIND11_MODULE(_C, module) {
-  module.doc() = "mtlfast C++/CUDA extension: build information (the ops live in torch.ops.mtlfast)";
+  module.doc() = "mtlfast C++/CUDA extension: build information and the eager entry point (the ops live in torch.ops.mtlfast)";
   module.attr("__version__") = MTLFAST_VERSION;
   module.attr("torch_version") = TORCH_VERSION;
   module.attr("with_cuda") = mtlfast::kBuiltWithCuda;
   module.attr("cuda_archs") = MTLFAST_CUDA_ARCHS;
   module.attr("with_openmp") = mtlfast::kBuiltWithOpenMP;
+  mtlfast::bind_eager_autograd(module);
 }

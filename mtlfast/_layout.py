@@ -36,8 +36,16 @@ class TaskLayout:
         # 1 where a task's target has a trailing (num_outputs,) dim after the batch dims: the op's class_dims.
         self.class_dims: tuple[int, ...] = tuple(int(task.target_has_class_dim) for task in tasks)
         self._device_cache: dict[tuple, torch.Tensor] = {}
+        self._task_spec = None
+        self._task_spec_made = False
         # Computed eagerly: a cached_property takes a lock that torch.compile cannot trace.
         self._column_weights_cpu = self._pack_column_weights()
+
+    def __getstate__(self) -> dict:
+        # The extension's TaskSpec is a cache and cannot be pickled: copies and unpickled layouts make their own.
+        state = self.__dict__.copy()
+        state["_task_spec"], state["_task_spec_made"] = None, False
+        return state
 
     @property
     def num_tasks(self) -> int:
@@ -84,6 +92,18 @@ class TaskLayout:
         if self._column_weights_cpu is None:
             return None
         return self._cached(("col_weight", device, dtype), lambda: self._column_weights_cpu.to(device=device, dtype=dtype))
+
+    def task_spec(self):
+        """The op's list arguments as one ``mtlfast._C.TaskSpec`` for the C++ eager path (made on first use; None
+        without the extension)."""
+        if not self._task_spec_made:
+            from mtlfast.ops import task_spec  # noqa: PLC0415  (mtlfast.ops is imported after this module)
+
+            self._task_spec = task_spec(
+                self.kinds, self.col_offsets, self.class_dims, self.ignore_index, self.params, self.names
+            )
+            self._task_spec_made = True
+        return self._task_spec
 
     def default_task_weights(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
         """(T,) the tasks' own ``weight`` values as λ."""

@@ -119,13 +119,37 @@ def multi_task_loss(
     ``_tables`` (internal): the layout's (col_task, col_weight) tensors already on the device, as modules keep them
     in buffers.
     """
+    output, _present = fused_multi_task_loss(
+        h, weight, bias, targets, tasks, task_weights, return_logits=return_logits,
+        per_task_input_grads=per_task_input_grads, chunk_rows=chunk_rows, _tables=_tables,
+    )
+    return output
+
+
+Present = tuple[bool, ...] | None
+"""Which tasks had a target in the batch, in task order; None when every task had one."""
+
+
+def fused_multi_task_loss(
+    h: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    targets: Targets,
+    tasks: TaskLayout | Sequence[Task],
+    task_weights: torch.Tensor | None = None,
+    *,
+    return_logits: bool = False,
+    per_task_input_grads: bool = False,
+    chunk_rows: int | str | None = "auto",
+    _tables: tuple[torch.Tensor, torch.Tensor | None] | None = None,
+) -> tuple[MultiTaskLossOutput, Present]:
+    """:func:`multi_task_loss`, plus which tasks had a target (what :class:`mtlfast.MultiTaskHeads` reports)."""
     layout = tasks if isinstance(tasks, TaskLayout) else TaskLayout(tasks)
     if h.dim() < 1 or h.shape[-1] != weight.shape[-1]:
         raise ValueError(f"mtlfast: h must be (..., D) with D = {weight.shape[-1]}, got {tuple(h.shape)}")
     if weight.shape[0] != layout.num_columns:
         raise ValueError(f"mtlfast: weight has {weight.shape[0]} rows but the tasks need {layout.num_columns}")
     h, weight, bias = _autocast(h, weight, bias)
-    op_targets, kinds = _op_targets(layout, _gather_targets(layout, targets), h)
     acc = accumulation_dtype(h.dtype)
     if _tables is not None:
         col_task, col_weight = _tables
@@ -134,28 +158,39 @@ def multi_task_loss(
         col_task, col_weight = layout.col_task(h.device), layout.col_weight(h.device, acc)
     if task_weights is None:
         task_weights = layout.default_task_weights(h.device, acc)
-    common = (kinds, layout.col_offsets, layout.class_dims, layout.ignore_index, layout.params, layout.names)
     # The op checks everything else (shapes, dtypes, devices of h, the heads and every target) and raises
     # ValueError / TypeError naming the task.
     batch_shape = h.shape[:-1]
-    logits = input_grads = None
     chunk = _resolve_chunk_rows(chunk_rows, batch_shape.numel(), layout.num_columns, h.shape[-1], return_logits)
-    if chunk > 0:
-        total, losses, grad_h_per_task, _, _ = _fused.multi_task_loss_chunked(
-            h, weight, bias, op_targets, task_weights, col_weight, col_task, *common, chunk
+    fast = None
+    if chunk == 0 and not torch.compiler.is_compiling():  # small heads, eager: the C++ entry point (targets looked up there)
+        fast = _fused.multi_task_loss_eager(
+            layout.task_spec(), h, weight, bias, targets, task_weights, col_weight, col_task, return_logits
         )
-        if per_task_input_grads:
-            input_grads = grad_h_per_task.detach().view(layout.num_tasks, *batch_shape, h.shape[-1])
+    if fast is not None:
+        total, losses, grad_logits, packed_logits, present = fast
     else:
+        given = _gather_targets(layout, targets)
+        op_targets, kinds = _op_targets(layout, given, h)
+        present = None if kinds is layout.kinds else tuple(target is not None for target in given)
+        common = (kinds, layout.col_offsets, layout.class_dims, layout.ignore_index, layout.params, layout.names)
+        if chunk > 0:
+            total, losses, grad_h_per_task, _, _ = _fused.multi_task_loss_chunked(
+                h, weight, bias, op_targets, task_weights, col_weight, col_task, *common, chunk
+            )
+            input_grads = None
+            if per_task_input_grads:
+                input_grads = grad_h_per_task.detach().view(layout.num_tasks, *batch_shape, h.shape[-1])
+            return MultiTaskLossOutput(total, losses, None, input_grads), present
         total, losses, grad_logits, packed_logits = _fused.multi_task_loss(
             h, weight, bias, op_targets, task_weights, col_weight, col_task, *common, return_logits
         )
-        if return_logits:
-            logits = packed_logits.view(*batch_shape, layout.num_columns)
-        if per_task_input_grads:
-            grads = _ops.per_task_input_grads(grad_logits, weight.detach(), layout.col_offsets)
-            input_grads = grads.view(layout.num_tasks, *batch_shape, h.shape[-1])
-    return MultiTaskLossOutput(total, losses, logits, input_grads)
+    logits = packed_logits.view(*batch_shape, layout.num_columns) if return_logits else None
+    input_grads = None
+    if per_task_input_grads:
+        grads = _ops.per_task_input_grads(grad_logits, weight.detach(), layout.col_offsets)
+        input_grads = grads.view(layout.num_tasks, *batch_shape, h.shape[-1])
+    return MultiTaskLossOutput(total, losses, logits, input_grads), present
 
 
 __all__ = ["multi_task_loss", "MultiTaskLossOutput", "LossKind"]

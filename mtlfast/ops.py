@@ -226,6 +226,36 @@ class _MultiTaskLossChunked(torch.autograd.Function):
                 *(None,) * (_NUM_INPUTS - 5))
 
 
+def task_spec(kinds, col_offsets, class_dims, ignore_index, params, task_names):
+    """The op's per-task list arguments as one ``mtlfast._C.TaskSpec`` for :func:`multi_task_loss_eager`; None
+    without the compiled extension. Build it once per task layout (it converts the lists)."""
+    if not _extension.HAS_C:
+        return None
+    from mtlfast import _C  # noqa: PLC0415  (present whenever HAS_C)
+
+    return _C.TaskSpec(list(kinds), list(col_offsets), list(class_dims), list(ignore_index), list(params),
+                       list(task_names))
+
+
+def multi_task_loss_eager(spec, h, weight, bias, targets, task_weights, col_weight, col_task, return_logits):
+    """The eager fast path of ``torch.ops.mtlfast.multi_task_loss``: the op and its backward run in C++
+    (``mtlfast._C.multi_task_loss_eager``, with the autograd formula registered above), and ``targets`` (a dict by
+    task name or a list in task order, None for an absent task) are looked up there.
+
+    Returns ``(total, losses, grad_logits, logits, present)``, ``present`` None when every task has a target, else
+    a tuple of bools; or None when the call needs the general path: no extension (``spec`` None), under
+    torch.compile, functorch transforms or ``__torch_function__`` overrides, or targets that are not plain tensors
+    (the general path then also reports unknown names and missing targets).
+    """
+    if spec is None or torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
+        return None
+    if torch.overrides.has_torch_function((h, weight, bias, task_weights)):
+        return None
+    from mtlfast import _C  # noqa: PLC0415
+
+    return _C.multi_task_loss_eager(spec, h, weight, bias, targets, task_weights, col_weight, col_task, return_logits)
+
+
 def multi_task_loss(*args):
     """``torch.ops.mtlfast.multi_task_loss`` with the eager fast path (same arguments and outputs)."""
     if torch.compiler.is_compiling() or not torch.is_grad_enabled():

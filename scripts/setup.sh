@@ -27,7 +27,7 @@ if [[ ! -x "$PY" || "$(installed_torch)" != "$MTLFAST_TORCH" ]]; then
 fi
 # Build requirements are installed here because the build runs without isolation: it must compile against the
 # very torch it will run with (an isolated build would fetch another torch).
-"$PY" -m pip install -q "scikit-build-core>=0.10" "pybind11>=2.12" ninja "cmake>=3.26" numpy pytest expecttest hypothesis
+"$PY" -m pip install -q "scikit-build-core>=0.10" ninja "cmake>=3.26" numpy pytest expecttest hypothesis
 # Runtime dependencies (installed here because the editable build below runs with --no-deps, so it can never
 # replace the chosen torch) and the optional ones the tests and demos exercise.
 "$PY" -m pip install -q "tqdm>=4.60" "torchmetrics>=1.4" "torchjd>=0.18" matplotlib

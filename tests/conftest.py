@@ -32,19 +32,28 @@ def _seed_and_restore():
 
 
 class OpSpy:
-    """Wraps the fused-op entry points used by mtlfast.functional (``mtlfast.ops``) and records which one ran with
-    which arguments."""
+    """Wraps the fused-op entry points used by mtlfast.functional (``mtlfast.ops``) and records which op ran with
+    which arguments. The C++ eager entry point counts as the op it runs (``multi_task_loss``) when it ran, and is
+    not recorded when it handed the call back (returned None)."""
+
+    EAGER_ENTRY_POINTS = {"multi_task_loss_eager": "multi_task_loss"}
 
     def __init__(self, real):
         self._real = real
         self.calls: list[tuple[str, tuple]] = []
+        self.eager_calls = 0
 
     def __getattr__(self, name):
         op = getattr(self._real, name)
 
         def call(*args, **kwargs):
-            self.calls.append((name, args))
-            return op(*args, **kwargs)
+            result = op(*args, **kwargs)
+            if name not in self.EAGER_ENTRY_POINTS:
+                self.calls.append((name, args))
+            elif result is not None:
+                self.calls.append((self.EAGER_ENTRY_POINTS[name], args))
+                self.eager_calls += 1
+            return result
 
         return call
 

@@ -605,6 +605,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> multi_task_loss_cpu(
     scalar_t* grad_data = grad_logits.data_ptr<scalar_t>();
     scalar_t* logits_data = return_logits ? logits.data_ptr<scalar_t>() : nullptr;
     const auto produce_rows = [&](int64_t first, int64_t count) {
+      // Grad mode is per thread and on by default in the pool's threads: without this guard, narrowing h (which
+      // may require grad) there makes autograd views, and the result came out flagged as requiring grad.
+      const at::AutoDispatchBelowADInplaceOrView below_autograd;
+      const at::NoGradGuard no_grad_in_worker;
       at::Tensor rows = grad_logits.narrow(0, first, count);
       linear_into(rows, h.narrow(0, first, count), weight, bias);
       if (logits_data != nullptr) {

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from mtlfast._layout import TaskLayout, accumulation_dtype
-from mtlfast.functional import Targets, multi_task_loss
+from mtlfast.functional import Present, Targets, fused_multi_task_loss
 from mtlfast.tasks import DEFAULT_INPUT, Task
 
 
@@ -51,11 +51,11 @@ class MultiTaskOutput:
     :meth:`input_gram` gives the (T, T) Gram matrix of those gradients, what gradient-balancing methods consume.
     """
 
-    def __init__(self, loss, loss_vector, names: Sequence[str], present: Sequence[bool], logits=None,
+    def __init__(self, loss, loss_vector, names: Sequence[str], present: Present | Sequence[bool], logits=None,
                  input_grads=None, input_grad_groups=None):
         self.loss = loss
         self.loss_vector = loss_vector
-        if all(present):
+        if present is None or all(present):
             self.losses: Mapping[str, torch.Tensor] = _LazySplit(loss_vector, names, torch.unbind)
         else:
             rows = [i for i, here in enumerate(present) if here]
@@ -241,17 +241,21 @@ class MultiTaskHeads(nn.Module):
 
         ``h`` is (..., D) or a mapping input name → (..., D_input); targets follow the batch shape of their input.
         """
-        given, present = self._present_tasks(targets)
-        if self._single_group:  # the common case, kept free of per-group bookkeeping
+        if self._single_group:  # the common case, kept free of per-task Python work
+            if not isinstance(targets, Mapping):
+                raise TypeError("mtlfast: MultiTaskHeads targets must be a mapping task name → tensor")
             input_name, group = next(iter(self.packed.items()))
-            out = self._group_loss(group, self._inputs_of(h)[input_name], given, self.task_weights,
-                                   return_logits, per_task_input_grads)
+            # The group's tasks are all tasks, in order: the targets mapping goes down as given (unknown names and
+            # missing targets are reported there, with the same messages as _present_tasks).
+            out, present = self._group_loss(group, self._inputs_of(h)[input_name], targets, self.task_weights,
+                                            return_logits, per_task_input_grads)
             return MultiTaskOutput(
                 out.total, out.losses, self.task_names, present,
                 logits=_split_columns(out.logits, group.layout) if return_logits else None,
                 input_grads=dict(zip(self.task_names, out.input_grads.unbind(0))) if per_task_input_grads else None,
                 input_grad_groups=[(None, out.input_grads)] if per_task_input_grads else None,
             )
+        given, present = self._present_tasks(targets)
         representations = self._inputs_of(h)
         by_name = dict(zip(self.task_names, given))
         totals, loss_vectors, logits, input_grads, grad_groups = [], [], {}, {}, []
@@ -263,7 +267,7 @@ class MultiTaskHeads(nn.Module):
                 loss_vectors.append(torch.zeros(layout.num_tasks, dtype=accumulation_dtype(x.dtype), device=x.device))
                 continue
             lam = self.task_weights.index_select(0, group.task_index)
-            out = self._group_loss(group, x, group_targets, lam, return_logits, per_task_input_grads)
+            out, _ = self._group_loss(group, x, group_targets, lam, return_logits, per_task_input_grads)
             totals.append(out.total)
             loss_vectors.append(out.losses)
             if return_logits:
@@ -281,9 +285,9 @@ class MultiTaskHeads(nn.Module):
             input_grad_groups=grad_groups if per_task_input_grads else None,
         )
 
-    def _group_loss(self, group: _PackedHeads, x: torch.Tensor, targets: list, task_weights: torch.Tensor,
+    def _group_loss(self, group: _PackedHeads, x: torch.Tensor, targets: Targets, task_weights: torch.Tensor,
                     return_logits: bool, per_task_input_grads: bool):
-        return multi_task_loss(
+        return fused_multi_task_loss(
             x, group.weight, group.bias, targets, group.layout, task_weights,
             return_logits=return_logits, per_task_input_grads=per_task_input_grads, chunk_rows=self.chunk_rows,
             _tables=(group.col_task, group.col_weight),
