@@ -160,7 +160,7 @@ PreparedInputs prepare_multi_task_inputs(const at::Tensor& h, const at::Tensor& 
   table.class_dims.assign(class_dims.begin(), class_dims.end());
   table.ignore_index.assign(ignore_index.begin(), ignore_index.end());
   table.params.assign(params.begin(), params.end());
-  table.names = task_names;
+  table.names = task_names;  // a view, not a copy of T strings
 
   TORCH_CHECK_VALUE(table.col_offsets.front() == 0 && table.col_offsets.back() == table.columns,
                     "mtlfast: col_offsets must start at 0 and end at S = ", table.columns);
@@ -201,7 +201,21 @@ PreparedInputs prepare_multi_task_inputs(const at::Tensor& h, const at::Tensor& 
 }
 
 at::Tensor weighted_total(const at::Tensor& losses, const at::Tensor& task_weights) {
-  return at::dot(losses, task_weights);
+  if (!losses.device().is_cpu()) {
+    return at::dot(losses, task_weights);
+  }
+  // T products on the host (accumulated in double): an ATen dot costs more than that for small T.
+  at::Tensor total = at::empty({}, losses.options());
+  AT_DISPATCH_FLOATING_TYPES(losses.scalar_type(), "mtlfast::weighted_total", [&] {
+    const auto loss = losses.accessor<scalar_t, 1>();
+    const auto weight = task_weights.accessor<scalar_t, 1>();
+    double sum = 0.0;
+    for (int64_t t = 0; t < loss.size(0); ++t) {
+      sum += static_cast<double>(loss[t]) * static_cast<double>(weight[t]);
+    }
+    *total.mutable_data_ptr<scalar_t>() = static_cast<scalar_t>(sum);
+  });
+  return total;
 }
 
 at::Tensor task_coefficients(const c10::optional<at::Tensor>& grad_total, const c10::optional<at::Tensor>& grad_losses,

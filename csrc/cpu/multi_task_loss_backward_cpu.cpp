@@ -41,6 +41,43 @@ void scale_columns(const scalar_t* grad_logits, const scalar_t* extra, const sca
   });
 }
 
+// Per column s, the coefficient c[col_task[s]] with c = grad_total·λ + grad_losses (see task_coefficients), computed
+// on the host: T and S are small, and ATen calls for it cost more than the scaling pass itself.
+template <typename acc_t>
+std::vector<acc_t> column_coefficients(const c10::optional<at::Tensor>& grad_total,
+                                       const c10::optional<at::Tensor>& grad_losses, const at::Tensor& task_weights,
+                                       const at::Tensor& col_task) {
+  const int64_t T = task_weights.size(0);
+  const at::ScalarType acc = c10::CppTypeToScalarType<acc_t>::value;
+  std::vector<acc_t> per_task(T, acc_t(0));
+  if (grad_total.has_value() && grad_total->defined()) {
+    const acc_t g = *grad_total->to(acc).const_data_ptr<acc_t>();  // a 0-dim CPU tensor
+    const at::Tensor lam = task_weights.to(acc);
+    const auto lam_values = lam.accessor<acc_t, 1>();
+    for (int64_t t = 0; t < T; ++t) {
+      per_task[t] = g * lam_values[t];
+    }
+  }
+  if (grad_losses.has_value() && grad_losses->defined()) {
+    const at::Tensor dl = grad_losses->to(acc);
+    TORCH_CHECK_VALUE(dl.dim() == 1 && dl.size(0) == T, "mtlfast: grad_losses must be (T,) = (", T, ",), got ",
+                      dl.sizes());
+    const auto dl_values = dl.accessor<acc_t, 1>();  // strided: an expanded gradient is read in place
+    for (int64_t t = 0; t < T; ++t) {
+      per_task[t] += dl_values[t];
+    }
+  }
+  const at::Tensor tasks = col_task.contiguous();
+  const int64_t* task_of = tasks.const_data_ptr<int64_t>();
+  std::vector<acc_t> coeff(tasks.numel());
+  for (int64_t s = 0; s < tasks.numel(); ++s) {
+    TORCH_CHECK_INDEX(task_of[s] >= 0 && task_of[s] < T, "mtlfast: col_task[", s, "] = ", task_of[s],
+                      " is not a task index in [0, ", T, ")");
+    coeff[s] = per_task[task_of[s]];
+  }
+  return coeff;
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> multi_task_loss_backward_cpu(
     const c10::optional<at::Tensor>& grad_total, const c10::optional<at::Tensor>& grad_losses,
     const at::Tensor& task_weights, const c10::optional<at::Tensor>& grad_logits_output, const at::Tensor& grad_logits,
@@ -51,8 +88,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> multi_task_loss_backward_cpu(
   const at::ScalarType acc = accumulation_dtype(dtype);
   const int64_t N = grad_logits.size(0);
   const int64_t S = grad_logits.size(1);
-  const at::Tensor coeff =
-      task_coefficients(grad_total, grad_losses, task_weights, acc).index_select(0, col_task);  // (S,)
+  TORCH_CHECK_VALUE(col_task.numel() == S, "mtlfast: col_task must have S = ", S, " entries, got ", col_task.numel());
   const bool with_output_grad = grad_logits_output.has_value() && grad_logits_output->defined();
   at::Tensor dz, bias_sums;
   if (dtype == acc) {  // fp32 / fp64: one raw pass
@@ -61,11 +97,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> multi_task_loss_backward_cpu(
     const at::Tensor g = grad_logits.contiguous();
     const at::Tensor extra = with_output_grad ? grad_logits_output->to(dtype).contiguous() : at::Tensor();
     AT_DISPATCH_FLOATING_TYPES(dtype, "mtlfast::multi_task_loss_backward (CPU)", [&] {
+      const std::vector<scalar_t> coeff = column_coefficients<scalar_t>(grad_total, grad_losses, task_weights, col_task);
       scale_columns<scalar_t>(g.const_data_ptr<scalar_t>(), extra.defined() ? extra.const_data_ptr<scalar_t>() : nullptr,
-                              coeff.const_data_ptr<scalar_t>(), dz.mutable_data_ptr<scalar_t>(),
-                              bias_sums.mutable_data_ptr<scalar_t>(), N, S);
+                              coeff.data(), dz.mutable_data_ptr<scalar_t>(), bias_sums.mutable_data_ptr<scalar_t>(),
+                              N, S);
     });
   } else {  // bf16 / fp16: scaled in fp32, rounded once
+    const at::Tensor coeff =
+        task_coefficients(grad_total, grad_losses, task_weights, acc).index_select(0, col_task);  // (S,)
     at::Tensor dz_acc = grad_logits.to(acc) * coeff.unsqueeze(0);
     if (with_output_grad) {
       dz_acc.add_(grad_logits_output->to(acc));

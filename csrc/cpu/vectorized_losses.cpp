@@ -12,8 +12,8 @@
 // the loss_math.h formulas.
 //
 // -ffp-contract=off (CMakeLists.txt) keeps a*b + c two roundings, as in the scalar path (built without FMA), so
-// the results differ from it only by SLEEF's exp / log / log1p (≤ 1 ulp) against glibc's, and by the order of
-// the loss sums.
+// the results differ from it only by SLEEF's exp / log / log1p (≤ 1 ulp) against glibc's, the float log1p of BCE
+// (≤ 3 ulp, below), and the order of the loss sums.
 #include "vectorized_losses.h"
 
 #include <ATen/cpu/vec/vec.h>
@@ -67,6 +67,27 @@ class LossSum<float> {
   Vectorized<double> high_{0.0};
 };
 
+// log1p(x) for x in [0, 1], BCE's log1p(exp(-|z|)). Double: SLEEF's (≤ 1 ulp). Float: 2·atanh(s) with
+// s = x / (2 + x) in [0, 1/3], atanh(s) / s = Σ_k w^k / (2k + 1) with w = s² ≤ 1/9, summed to k = 6 (the first
+// term left out is < 2^-26 relative): ≤ 3 ulp over [0, 1] (checked against log1p in double on every 7th float),
+// and 6x faster than SLEEF's log1pf, which was half the cost of a BCE entry.
+template <typename acc_t>
+Vectorized<acc_t> log1p_unit_interval(const Vectorized<acc_t>& x) {
+  return x.log1p();
+}
+
+template <>
+Vectorized<float> log1p_unit_interval(const Vectorized<float>& x) {
+  using Vec = Vectorized<float>;
+  const Vec s = x / (Vec(2.0f) + x);
+  const Vec w = s * s;
+  Vec series(1.0f / 13);
+  for (const float coefficient : {1.0f / 11, 1.0f / 9, 1.0f / 7, 1.0f / 5, 1.0f / 3, 1.0f}) {
+    series = at::vec::fmadd(series, w, Vec(coefficient));
+  }
+  return (s + s) * series;
+}
+
 // Runs step(i, count) over [0, n) in vectors: count = the vector size, then what is left (a masked tail).
 template <typename acc_t, typename Step>
 void for_each_vector(int64_t n, const Step& step) {
@@ -96,7 +117,7 @@ double bce_with_logits(acc_t* z, const acc_t* y, const acc_t* pos_weight, int64_
     const Vec yi = Vec::set(missing, Vec::loadu(y + i, count), count);
     const Vec pw = pos_weight_stride == 0 ? Vec(pos_weight[0]) : Vec::loadu(pos_weight + i, count);
     const Vec e = zi.abs().neg().exp();
-    const Vec log1p_e = e.log1p();
+    const Vec log1p_e = log1p_unit_interval(e);
     const Vec softplus_z = Vec::blendv(zero, zi, zi > zero) + log1p_e;
     const Vec softplus_minus_z = Vec::blendv(zero, zi.neg(), zi < zero) + log1p_e;
     const Vec s = Vec::blendv(e, one, zi >= zero) / (one + e);  // sigmoid(z)

@@ -20,7 +20,7 @@ struct TaskTable {
   std::vector<int64_t> class_dims;   // 1: the target has a trailing (C_t,) dim
   std::vector<int64_t> ignore_index;
   std::vector<double> params;
-  std::vector<std::string> names;
+  c10::ArrayRef<std::string> names;  // the op's task_names argument (outlives the table: both live for one call)
 
   int64_t num_tasks() const { return static_cast<int64_t>(kinds.size()); }
   int64_t width(int64_t task) const { return col_offsets[task + 1] - col_offsets[task]; }
