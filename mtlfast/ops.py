@@ -13,7 +13,10 @@ import torch
 
 from mtlfast import _extension, _fallback
 
-if not _extension.HAS_C:
+if _extension.HAS_C:
+    from mtlfast import _C as _compiled
+else:
+    _compiled = None
     _fallback.define_ops()
 
 _ops = torch.ops.mtlfast
@@ -229,11 +232,9 @@ class _MultiTaskLossChunked(torch.autograd.Function):
 def task_spec(kinds, col_offsets, class_dims, ignore_index, params, task_names):
     """The op's per-task list arguments as one ``mtlfast._C.TaskSpec`` for :func:`multi_task_loss_eager`; None
     without the compiled extension. Build it once per task layout (it converts the lists)."""
-    if not _extension.HAS_C:
+    if _compiled is None:
         return None
-    from mtlfast import _C  # noqa: PLC0415  (present whenever HAS_C)
-
-    return _C.TaskSpec(list(kinds), list(col_offsets), list(class_dims), list(ignore_index), list(params),
+    return _compiled.TaskSpec(list(kinds), list(col_offsets), list(class_dims), list(ignore_index), list(params),
                        list(task_names))
 
 
@@ -251,9 +252,9 @@ def multi_task_loss_eager(spec, h, weight, bias, targets, task_weights, col_weig
         return None
     if torch.overrides.has_torch_function((h, weight, bias, task_weights)):
         return None
-    from mtlfast import _C  # noqa: PLC0415
-
-    return _C.multi_task_loss_eager(spec, h, weight, bias, targets, task_weights, col_weight, col_task, return_logits)
+    return _compiled.multi_task_loss_eager(
+        spec, h, weight, bias, targets, task_weights, col_weight, col_task, return_logits
+    )
 
 
 def multi_task_loss(*args):

@@ -244,11 +244,12 @@ class MultiTaskHeads(nn.Module):
         if self._single_group:  # the common case, kept free of per-task Python work
             if not isinstance(targets, Mapping):
                 raise TypeError("mtlfast: MultiTaskHeads targets must be a mapping task name → tensor")
-            input_name, group = next(iter(self.packed.items()))
+            input_name = self.inputs[0]
+            group = self.packed[input_name]
+            x = h if isinstance(h, torch.Tensor) else self._inputs_of(h)[input_name]
             # The group's tasks are all tasks, in order: the targets mapping goes down as given (unknown names and
             # missing targets are reported there, with the same messages as _present_tasks).
-            out, present = self._group_loss(group, self._inputs_of(h)[input_name], targets, self.task_weights,
-                                            return_logits, per_task_input_grads)
+            out, present = self._group_loss(group, x, targets, self.task_weights, return_logits, per_task_input_grads)
             return MultiTaskOutput(
                 out.total, out.losses, self.task_names, present,
                 logits=_split_columns(out.logits, group.layout) if return_logits else None,
