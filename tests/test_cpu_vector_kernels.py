@@ -2,7 +2,8 @@
 cross-entropy on both sides of the class-major limit (32 classes), BCE tasks of any width next to each other,
 row counts around a vector (8 floats / 4 doubles) and batches of several row blocks. Against the float64 oracle,
 here (the vector kernels on a CPU with AVX2) and in a subprocess with ATEN_CPU_CAPABILITY=default (the scalar
-formulas, which CPUs without AVX2 run and which would otherwise go untested on such CI machines)."""
+formulas, which CPUs without AVX2 run and which would otherwise go untested on such CI machines). Runs of
+consecutive Binary tasks, which the loss pass takes as one block, with and without an absent task inside."""
 
 from __future__ import annotations
 
@@ -43,6 +44,24 @@ def boundary_tasks() -> list[mf.Task]:
 @pytest.mark.parametrize("rows", [1, 7, 9, 300])
 def test_vector_kernel_boundaries(rows, dtype, chunk_rows):
     case = make_case(rows, boundary_tasks(), batch_shape=(rows,), features=5, logit_scale=4.0)
+    actual = fused_result(case, dtype=dtype, chunk_rows=chunk_rows)
+    assert_results_close(actual, reference_result(case), dtype)
+
+
+def binary_run_tasks() -> list[mf.Task]:
+    # 11 Binary heads in a row (the loss pass takes such runs as one block: more than a vector of floats, so the
+    # masked tail runs too), a regression, then a run of 3 (below the length that is taken as a block).
+    run = [mf.Binary(f"run{i}", pos_weight=None if i % 3 else 0.5 + i / 4) for i in range(11)]
+    return [*run, mf.Regression("between"), *[mf.Binary(f"short{i}") for i in range(3)]]
+
+
+@requires_c
+@pytest.mark.parametrize("absent", [(), ("run4",)], ids=["all", "one-absent"])
+@pytest.mark.parametrize("chunk_rows", [None, 5])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("rows", [1, 9, 300])
+def test_runs_of_binary_tasks(rows, dtype, chunk_rows, absent):
+    case = make_case(rows, binary_run_tasks(), batch_shape=(rows,), features=5, logit_scale=4.0, absent=absent)
     actual = fused_result(case, dtype=dtype, chunk_rows=chunk_rows)
     assert_results_close(actual, reference_result(case), dtype)
 

@@ -103,31 +103,70 @@ void for_each_vector(int64_t n, const Step& step) {
 
 }  // namespace
 
-// Mirrors bce_with_logits (loss_math.h): e = exp(-|z|) and log1p(e) shared by softplus(±z) and sigmoid(z).
+namespace {
+
+// The loss and dloss/dz of bce_with_logits (loss_math.h) for one vector of entries, both 0 where the target is
+// missing (NaN): e = exp(-|z|) and log1p(e) shared by softplus(±z) and sigmoid(z).
+template <typename acc_t>
+struct BceVector {
+  Vectorized<acc_t> loss;
+  Vectorized<acc_t> grad;
+};
+
+template <typename acc_t>
+BceVector<acc_t> bce_vector(const Vectorized<acc_t>& z, const Vectorized<acc_t>& y, const Vectorized<acc_t>& pw) {
+  using Vec = Vectorized<acc_t>;
+  const Vec zero(0), one(1);
+  const Vec e = z.abs().neg().exp();
+  const Vec log1p_e = log1p_unit_interval(e);
+  const Vec softplus_z = Vec::blendv(zero, z, z > zero) + log1p_e;
+  const Vec softplus_minus_z = Vec::blendv(zero, z.neg(), z < zero) + log1p_e;
+  const Vec s = Vec::blendv(e, one, z >= zero) / (one + e);  // sigmoid(z)
+  const Vec loss = pw * y * softplus_minus_z + (one - y) * softplus_z;
+  const Vec grad = (one - y) * s - pw * y * (one - s);
+  const Vec present = y == y;  // false for NaN
+  return {Vec::blendv(zero, loss, present), Vec::blendv(zero, grad, present)};
+}
+
+}  // namespace
+
 template <typename acc_t>
 double bce_with_logits(acc_t* z, const acc_t* y, const acc_t* pos_weight, int64_t pos_weight_stride,
                        acc_t grad_scale, int64_t n) {
   using Vec = Vectorized<acc_t>;
-  const Vec zero(0), one(1), scale(grad_scale);
+  const Vec scale(grad_scale);
   const Vec missing(std::numeric_limits<acc_t>::quiet_NaN());
   LossSum<acc_t> loss_sum;
   for_each_vector<acc_t>(n, [&](int64_t i, int64_t count) {
-    const Vec zi = Vec::loadu(z + i, count);
     // Lanes past the end read as missing targets, so they add nothing.
     const Vec yi = Vec::set(missing, Vec::loadu(y + i, count), count);
     const Vec pw = pos_weight_stride == 0 ? Vec(pos_weight[0]) : Vec::loadu(pos_weight + i, count);
-    const Vec e = zi.abs().neg().exp();
-    const Vec log1p_e = log1p_unit_interval(e);
-    const Vec softplus_z = Vec::blendv(zero, zi, zi > zero) + log1p_e;
-    const Vec softplus_minus_z = Vec::blendv(zero, zi.neg(), zi < zero) + log1p_e;
-    const Vec s = Vec::blendv(e, one, zi >= zero) / (one + e);  // sigmoid(z)
-    const Vec loss = pw * yi * softplus_minus_z + (one - yi) * softplus_z;
-    const Vec grad = (one - yi) * s - pw * yi * (one - s);
-    const Vec present = yi == yi;  // false for NaN
-    loss_sum.add(Vec::blendv(zero, loss, present));
-    Vec::blendv(zero, scale * grad, present).store(z + i, count);
+    const BceVector<acc_t> r = bce_vector(Vec::loadu(z + i, count), yi, pw);
+    loss_sum.add(r.loss);
+    (scale * r.grad).store(z + i, count);
   });
   return loss_sum.total();
+}
+
+template <typename acc_t>
+void bce_with_logits_columns(acc_t* z, int64_t z_stride, const acc_t* y, int64_t rows, int64_t columns,
+                             const acc_t* pos_weight, const acc_t* grad_scale, double* column_sums) {
+  using Vec = Vectorized<acc_t>;
+  const Vec missing(std::numeric_limits<acc_t>::quiet_NaN());
+  std::array<acc_t, Vec::size()> lane_loss;
+  for (int64_t i = 0; i < rows; ++i) {
+    acc_t* z_row = z + i * z_stride;
+    const acc_t* y_row = y + i * columns;
+    for_each_vector<acc_t>(columns, [&](int64_t c, int64_t count) {
+      const Vec yc = Vec::set(missing, Vec::loadu(y_row + c, count), count);
+      const BceVector<acc_t> r = bce_vector(Vec::loadu(z_row + c, count), yc, Vec::loadu(pos_weight + c, count));
+      (Vec::loadu(grad_scale + c, count) * r.grad).store(z_row + c, count);
+      r.loss.store(lane_loss.data());
+      for (int64_t k = 0; k < count; ++k) {
+        column_sums[c + k] += static_cast<double>(lane_loss[k]);
+      }
+    });
+  }
 }
 
 // Mirrors cross_entropy_rows (multi_task_loss_cpu.cpp) for `Vec::size()` rows at a time: row statistics, then
@@ -197,6 +236,8 @@ acc_t exp_shifted_sum(acc_t* x, acc_t shift, int64_t n) {
 
 #define MTLFAST_INSTANTIATE(acc_t)                                                                              \
   template double bce_with_logits<acc_t>(acc_t*, const acc_t*, const acc_t*, int64_t, acc_t, int64_t);         \
+  template void bce_with_logits_columns<acc_t>(acc_t*, int64_t, const acc_t*, int64_t, int64_t, const acc_t*,   \
+                                               const acc_t*, double*);                                          \
   template double cross_entropy_class_major<acc_t>(acc_t*, int64_t, int64_t, const acc_t*, const acc_t*, acc_t, \
                                                    const acc_t*, acc_t);                                        \
   template acc_t exp_shifted_sum<acc_t>(acc_t*, acc_t, int64_t);

@@ -16,6 +16,13 @@ template <typename acc_t>
 double bce_with_logits(acc_t* z, const acc_t* y, const acc_t* pos_weight, int64_t pos_weight_stride,
                        acc_t grad_scale, int64_t n);
 
+// bce_with_logits over a (rows, columns) block of single-output BCE tasks, one task per column, in place in the
+// logits: entry (i, c) at z[i * z_stride + c]; targets y[i * columns + c] (row-major, NaN = missing). Per column:
+// pos_weight[c] and grad_scale[c]; column_sums[c] += the column's loss sum, added row by row in row order.
+template <typename acc_t>
+void bce_with_logits_columns(acc_t* z, int64_t z_stride, const acc_t* y, int64_t rows, int64_t columns,
+                             const acc_t* pos_weight, const acc_t* grad_scale, double* column_sums);
+
 // Cross-entropy of `rows` rows of num_classes logits stored class-major (z[c * rows + i]: class c of row i), so
 // that one vector holds the same class of consecutive rows, whatever the number of classes. Per row: target[i]
 // the target class as acc_t, or -1 for an ignored row (zero loss and gradient); a[i] the row's
