@@ -148,6 +148,21 @@ double bce_with_logits(acc_t* z, const acc_t* y, const acc_t* pos_weight, int64_
   return loss_sum.total();
 }
 
+namespace {
+
+// sums[k] += lanes[k] for the Vec::size() lanes, in double.
+void add_lanes(double* sums, const Vectorized<double>& lanes) {
+  (Vectorized<double>::loadu(sums) + lanes).store(sums);
+}
+
+void add_lanes(double* sums, const Vectorized<float>& lanes) {
+  const auto wide = at::vec::convert<double, 2, float, 1>(at::vec::VectorizedN<float, 1>(lanes));
+  add_lanes(sums, wide[0]);
+  add_lanes(sums + Vectorized<double>::size(), wide[1]);
+}
+
+}  // namespace
+
 template <typename acc_t>
 void bce_with_logits_columns(acc_t* z, int64_t z_stride, const acc_t* y, int64_t rows, int64_t columns,
                              const acc_t* pos_weight, const acc_t* grad_scale, double* column_sums) {
@@ -161,9 +176,13 @@ void bce_with_logits_columns(acc_t* z, int64_t z_stride, const acc_t* y, int64_t
       const Vec yc = Vec::set(missing, Vec::loadu(y_row + c, count), count);
       const BceVector<acc_t> r = bce_vector(Vec::loadu(z_row + c, count), yc, Vec::loadu(pos_weight + c, count));
       (Vec::loadu(grad_scale + c, count) * r.grad).store(z_row + c, count);
-      r.loss.store(lane_loss.data());
-      for (int64_t k = 0; k < count; ++k) {
-        column_sums[c + k] += static_cast<double>(lane_loss[k]);
+      if (count == Vec::size()) {
+        add_lanes(column_sums + c, r.loss);
+      } else {
+        r.loss.store(lane_loss.data());
+        for (int64_t k = 0; k < count; ++k) {
+          column_sums[c + k] += static_cast<double>(lane_loss[k]);
+        }
       }
     });
   }
