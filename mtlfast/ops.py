@@ -234,8 +234,9 @@ def task_spec(kinds, col_offsets, class_dims, ignore_index, params, task_names):
     without the compiled extension. Build it once per task layout (it converts the lists)."""
     if _compiled is None:
         return None
-    return _compiled.TaskSpec(list(kinds), list(col_offsets), list(class_dims), list(ignore_index), list(params),
-                       list(task_names))
+    return _compiled.TaskSpec(
+        list(kinds), list(col_offsets), list(class_dims), list(ignore_index), list(params), list(task_names)
+    )
 
 
 def multi_task_loss_eager(spec, h, weight, bias, targets, task_weights, col_weight, col_task, return_logits):
