@@ -6,6 +6,7 @@
 
 #include <c10/util/accumulate.h>
 
+#include <algorithm>
 #include <cmath>
 #include <sstream>
 
@@ -220,15 +221,44 @@ at::Tensor weighted_total(const at::Tensor& losses, const at::Tensor& task_weigh
 
 at::Tensor task_coefficients(const c10::optional<at::Tensor>& grad_total, const c10::optional<at::Tensor>& grad_losses,
                              const at::Tensor& task_weights, at::ScalarType acc_dtype) {
+  const bool with_total = grad_total.has_value() && grad_total->defined();
+  const bool with_losses = grad_losses.has_value() && grad_losses->defined();
+  const int64_t T = task_weights.size(0);
+  if (task_weights.device().is_cpu()) {
+    // T values on the host: at small T the ATen calls below cost more than the arithmetic.
+    at::Tensor c = at::empty({T}, task_weights.options().dtype(acc_dtype));
+    AT_DISPATCH_FLOATING_TYPES(acc_dtype, "mtlfast::task_coefficients", [&] {
+      scalar_t* out = c.mutable_data_ptr<scalar_t>();
+      std::fill(out, out + T, scalar_t(0));
+      if (with_total) {
+        const scalar_t g = *grad_total->to(acc_dtype).const_data_ptr<scalar_t>();  // a 0-dim CPU tensor
+        const at::Tensor lam = task_weights.to(acc_dtype);
+        const auto lam_values = lam.accessor<scalar_t, 1>();
+        for (int64_t t = 0; t < T; ++t) {
+          out[t] = g * lam_values[t];
+        }
+      }
+      if (with_losses) {
+        const at::Tensor dl = grad_losses->to(acc_dtype);
+        TORCH_CHECK_VALUE(dl.dim() == 1 && dl.size(0) == T, "mtlfast: grad_losses must be (T,) = (", T,
+                          ",), got ", dl.sizes());
+        const auto dl_values = dl.accessor<scalar_t, 1>();  // strided: an expanded gradient is read in place
+        for (int64_t t = 0; t < T; ++t) {
+          out[t] += dl_values[t];
+        }
+      }
+    });
+    return c;
+  }
   at::Tensor c;
-  if (grad_total.has_value() && grad_total->defined()) {
+  if (with_total) {
     c = task_weights.to(acc_dtype) * grad_total->to(acc_dtype);
   }
-  if (grad_losses.has_value() && grad_losses->defined()) {
+  if (with_losses) {
     const at::Tensor g = grad_losses->to(acc_dtype);
     c = c.defined() ? c + g : g;
   }
-  return c.defined() ? c : at::zeros({task_weights.size(0)}, task_weights.options().dtype(acc_dtype));
+  return c.defined() ? c : at::zeros({T}, task_weights.options().dtype(acc_dtype));
 }
 
 void check_class_targets_in_range_cpu(const TaskTable& table, at::TensorList targets) {

@@ -13,8 +13,10 @@
 
 #include <algorithm>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
+#include "mtlfast/op_signatures.h"
 #include "mtlfast/task_table.h"
 
 namespace mtlfast {
@@ -73,32 +75,11 @@ void scale_columns(const scalar_t* grad_logits, const scalar_t* extra, const sca
   }
 }
 
-// Per column s, the coefficient c[col_task[s]] with c = grad_total·λ + grad_losses (see task_coefficients), computed
-// on the host: T and S are small, and ATen calls for it cost more than the scaling pass itself.
+// Per column s, its task's coefficient c[col_task[s]] (c from task_coefficients, (T,) on the host).
 template <typename acc_t>
-std::vector<acc_t> column_coefficients(const c10::optional<at::Tensor>& grad_total,
-                                       const c10::optional<at::Tensor>& grad_losses, const at::Tensor& task_weights,
-                                       const at::Tensor& col_task) {
-  const int64_t T = task_weights.size(0);
-  const at::ScalarType acc = c10::CppTypeToScalarType<acc_t>::value;
-  std::vector<acc_t> per_task(T, acc_t(0));
-  if (grad_total.has_value() && grad_total->defined()) {
-    const acc_t g = *grad_total->to(acc).const_data_ptr<acc_t>();  // a 0-dim CPU tensor
-    const at::Tensor lam = task_weights.to(acc);
-    const auto lam_values = lam.accessor<acc_t, 1>();
-    for (int64_t t = 0; t < T; ++t) {
-      per_task[t] = g * lam_values[t];
-    }
-  }
-  if (grad_losses.has_value() && grad_losses->defined()) {
-    const at::Tensor dl = grad_losses->to(acc);
-    TORCH_CHECK_VALUE(dl.dim() == 1 && dl.size(0) == T, "mtlfast: grad_losses must be (T,) = (", T, ",), got ",
-                      dl.sizes());
-    const auto dl_values = dl.accessor<acc_t, 1>();  // strided: an expanded gradient is read in place
-    for (int64_t t = 0; t < T; ++t) {
-      per_task[t] += dl_values[t];
-    }
-  }
+std::vector<acc_t> column_coefficients(const at::Tensor& c, const at::Tensor& col_task) {
+  const int64_t T = c.size(0);
+  const acc_t* per_task = c.const_data_ptr<acc_t>();
   const at::Tensor tasks = col_task.contiguous();
   const int64_t* task_of = tasks.const_data_ptr<int64_t>();
   std::vector<acc_t> coeff(tasks.numel());
@@ -122,6 +103,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> multi_task_loss_backward_cpu(
   const int64_t S = grad_logits.size(1);
   TORCH_CHECK_VALUE(col_task.numel() == S, "mtlfast: col_task must have S = ", S, " entries, got ", col_task.numel());
   const bool with_output_grad = grad_logits_output.has_value() && grad_logits_output->defined();
+  const at::Tensor c = task_coefficients(grad_total, grad_losses, task_weights, acc);  // (T,)
   at::Tensor dz, bias_sums;
   if (dtype == acc) {  // fp32 / fp64: one raw pass
     dz = at::empty({N, S}, grad_logits.options());
@@ -129,14 +111,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> multi_task_loss_backward_cpu(
     const at::Tensor g = grad_logits.contiguous();
     const at::Tensor extra = with_output_grad ? grad_logits_output->to(dtype).contiguous() : at::Tensor();
     AT_DISPATCH_FLOATING_TYPES(dtype, "mtlfast::multi_task_loss_backward (CPU)", [&] {
-      const std::vector<scalar_t> coeff = column_coefficients<scalar_t>(grad_total, grad_losses, task_weights, col_task);
+      const std::vector<scalar_t> coeff = column_coefficients<scalar_t>(c, col_task);
       scale_columns<scalar_t>(g.const_data_ptr<scalar_t>(), extra.defined() ? extra.const_data_ptr<scalar_t>() : nullptr,
                               coeff.data(), dz.mutable_data_ptr<scalar_t>(), bias_sums.mutable_data_ptr<scalar_t>(),
                               N, S);
     });
   } else {  // bf16 / fp16: scaled in fp32, rounded once
-    const at::Tensor coeff =
-        task_coefficients(grad_total, grad_losses, task_weights, acc).index_select(0, col_task);  // (S,)
+    const at::Tensor coeff = c.index_select(0, col_task);  // (S,)
     at::Tensor dz_acc = grad_logits.to(acc) * coeff.unsqueeze(0);
     if (with_output_grad) {
       dz_acc.add_(grad_logits_output->to(acc));
@@ -151,6 +132,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> multi_task_loss_backward_cpu(
   const at::Tensor grad_bias = has_bias ? bias_sums.to(dtype) : at::empty({0}, h.options());
   return {grad_h.view(h_in.sizes()), grad_weight, grad_bias};
 }
+
+static_assert(std::is_same_v<decltype(multi_task_loss_backward_cpu), MultiTaskLossBackwardKernel>);
 
 }  // namespace
 
