@@ -24,6 +24,7 @@
 #include <pybind11/stl.h>
 
 #include "mtlfast/loss_math.h"
+#include "mtlfast/op_signatures.h"
 
 #include <algorithm>
 #include <optional>
@@ -110,27 +111,16 @@ bool gather_targets(const TaskSpec& spec, py::handle targets, GatheredTargets& o
   return std::any_of(out.kinds.begin(), out.kinds.end(), [](int64_t kind) { return kind != kNone; });
 }
 
-// The kernels' C++ signatures (csrc/cpu, csrc/cuda, csrc/multi_task_loss_backward.cpp); the dispatcher checks
-// them against the registered kernels when the handles are made.
-using ForwardSignature = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
-    const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, at::TensorList, const at::Tensor&,
-    const std::optional<at::Tensor>&, const at::Tensor&, c10::IntArrayRef, c10::IntArrayRef, c10::IntArrayRef,
-    c10::IntArrayRef, c10::ArrayRef<double>, const std::vector<std::string>&, bool);
-using BackwardSignature = std::tuple<at::Tensor, at::Tensor, at::Tensor>(
-    const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, const at::Tensor&,
-    const std::optional<at::Tensor>&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-    bool);
-
-const c10::TypedOperatorHandle<ForwardSignature>& forward_op() {
+const c10::TypedOperatorHandle<MultiTaskLossKernel>& forward_op() {
   static const auto handle =
-      c10::Dispatcher::singleton().findSchemaOrThrow("mtlfast::multi_task_loss", "").typed<ForwardSignature>();
+      c10::Dispatcher::singleton().findSchemaOrThrow("mtlfast::multi_task_loss", "").typed<MultiTaskLossKernel>();
   return handle;
 }
 
-const c10::TypedOperatorHandle<BackwardSignature>& backward_op() {
+const c10::TypedOperatorHandle<MultiTaskLossBackwardKernel>& backward_op() {
   static const auto handle = c10::Dispatcher::singleton()
                                  .findSchemaOrThrow("mtlfast::multi_task_loss_backward", "")
-                                 .typed<BackwardSignature>();
+                                 .typed<MultiTaskLossBackwardKernel>();
   return handle;
 }
 

@@ -10,7 +10,9 @@
 #include <torch/library.h>
 
 #include <tuple>
+#include <type_traits>
 
+#include "mtlfast/op_signatures.h"
 #include "mtlfast/task_table.h"
 
 namespace mtlfast {
@@ -82,6 +84,8 @@ at::Tensor per_task_input_grads(const at::Tensor& grad_logits, const at::Tensor&
   }
   return out;
 }
+
+static_assert(std::is_same_v<decltype(multi_task_loss_backward), MultiTaskLossBackwardKernel>);
 
 }  // namespace
 

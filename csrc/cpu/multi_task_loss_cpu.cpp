@@ -32,6 +32,7 @@
 #include <vector>
 
 #include "mtlfast/loss_math.h"
+#include "mtlfast/op_signatures.h"
 #include "mtlfast/task_table.h"
 #include "vectorized_losses.h"
 
@@ -786,6 +787,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> multi_tas
   });
   return {weighted_total(losses, prepared.task_weights), losses, grads.input_per_task, grads.weight, grads.bias};
 }
+
+static_assert(std::is_same_v<decltype(multi_task_loss_cpu), MultiTaskLossKernel>);
 
 }  // namespace
 

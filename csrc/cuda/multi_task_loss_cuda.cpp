@@ -15,10 +15,12 @@
 #include <algorithm>
 #include <limits>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 #include "multi_task_loss_kernels.h"
 #include "mtlfast/loss_math.h"
+#include "mtlfast/op_signatures.h"
 #include "mtlfast/task_table.h"
 
 namespace mtlfast {
@@ -251,6 +253,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> multi_tas
   const at::Tensor losses = pipeline.finalize();
   return {weighted_total(losses, prepared.task_weights), losses, grad_h_per_task, grad_weight, grad_bias};
 }
+
+static_assert(std::is_same_v<decltype(multi_task_loss_cuda), MultiTaskLossKernel>);
 
 }  // namespace
 
