@@ -174,7 +174,8 @@ def fused_multi_task_loss(
     else:
         given = _gather_targets(layout, targets)
         op_targets, kinds = _op_targets(layout, given, h)
-        present = None if kinds is layout.kinds else tuple(target is not None for target in given)
+        flags = tuple(target is not None for target in given)
+        present = None if all(flags) else flags
         common = (kinds, layout.col_offsets, layout.class_dims, layout.ignore_index, layout.params, layout.names)
         if chunk > 0:
             total, losses, grad_h_per_task, _, _ = _fused.multi_task_loss_chunked(
