@@ -6,6 +6,8 @@
 #   MTLFAST_TORCH  torch version (default: 2.14.1, the CUDA build, when a CUDA toolkit is present so the CUDA
 #                  kernels are compiled; else 2.13.0, the CPU build)
 #   MTLFAST_CUDA   auto|ON|OFF — build the CUDA kernels (default auto: when nvcc and a CUDA torch are present)
+#   MTLFAST_CUDA_EMULATION  ON|OFF — also build mtlfast._cuda_emulation, the CUDA backend run by a CPU emulator,
+#                  with which the tests execute the CUDA kernels' code on machines without a GPU (default ON)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -43,8 +45,9 @@ if ! dpkg -s dataset-fashion-mnist >/dev/null 2>&1 && [[ "$(id -u)" == 0 ]] && c
   apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1 || echo "== note: apt-get install dataset-fashion-mnist failed; MultiFashion demos/tests will skip"
 fi
 
-echo "== building mtlfast (torch $MTLFAST_TORCH, MTLFAST_CUDA=${MTLFAST_CUDA:-auto}, archs ${TORCH_CUDA_ARCH_LIST:-8.0;9.0})"
+echo "== building mtlfast (torch $MTLFAST_TORCH, MTLFAST_CUDA=${MTLFAST_CUDA:-auto}, archs ${TORCH_CUDA_ARCH_LIST:-8.0;9.0}, CUDA emulation ${MTLFAST_CUDA_EMULATION:-ON})"
 mkdir -p build
+export MTLFAST_CUDA_EMULATION="${MTLFAST_CUDA_EMULATION:-ON}"
 export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-8.0;9.0}"
 if ! timeout "${MTLFAST_BUILD_TIMEOUT:-1800}" "$PY" -m pip install --no-build-isolation --no-deps -v -e . >build/build.log 2>&1; then
   echo "== build failed; last lines of build/build.log:"

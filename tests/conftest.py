@@ -14,6 +14,12 @@ sys.path.insert(0, os.path.dirname(__file__))
 import mtlfast  # noqa: E402
 import mtlfast.functional  # noqa: E402
 
+# MTLFAST_TEST_CUDA_EMULATION=1: the CPU kernels of the fused op are replaced by the CUDA backend run by the
+# emulator (mtlfast._cuda_emulation; see tests/test_cuda_emulation.py, which runs the suite so in a subprocess).
+CUDA_EMULATION = os.environ.get("MTLFAST_TEST_CUDA_EMULATION", "0") not in ("", "0")
+if CUDA_EMULATION:
+    import mtlfast._cuda_emulation  # noqa: E402, F401
+
 
 def pytest_report_header(config):
     from mtlfast import _extension

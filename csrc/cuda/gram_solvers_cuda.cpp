@@ -5,6 +5,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include "dispatch_key.h"
 #include "gram_solvers_kernels.h"
 #include "mtlfast/gram_solvers_checks.h"
 
@@ -44,7 +45,7 @@ at::Tensor min_norm_weights_cuda(const at::Tensor& gram_in, int64_t iterations) 
   return alpha;
 }
 
-TORCH_LIBRARY_IMPL(mtlfast, CUDA, m) {
+TORCH_LIBRARY_IMPL(mtlfast, MTLFAST_CUDA_DISPATCH_KEY, m) {
   m.impl("pcgrad_weights", &pcgrad_weights_cuda);
   m.impl("min_norm_weights", &min_norm_weights_cuda);
 }

@@ -18,6 +18,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "dispatch_key.h"
 #include "multi_task_loss_kernels.h"
 #include "mtlfast/loss_math.h"
 #include "mtlfast/op_signatures.h"
@@ -149,7 +150,15 @@ void gemm_to_accumulator(at::Tensor& out, const at::Tensor& a, const at::Tensor&
     }
     return;
   }
-#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 10)
+#if defined(MTLFAST_CUDA_EMULATION)
+  // CPU tensors (the emulation build): ATen has no out_dtype GEMM on the CPU, so multiply in the accumulation type.
+  const at::Tensor product = at::mm(a.to(out.scalar_type()), b.to(out.scalar_type()));
+  if (accumulate) {
+    out.add_(product);
+  } else {
+    out.copy_(product);
+  }
+#elif TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 10)
   if (accumulate) {
     at::addmm_out(out, out, a, b, out.scalar_type());
   } else {
@@ -258,7 +267,7 @@ static_assert(std::is_same_v<decltype(multi_task_loss_cuda), MultiTaskLossKernel
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(mtlfast, CUDA, m) {
+TORCH_LIBRARY_IMPL(mtlfast, MTLFAST_CUDA_DISPATCH_KEY, m) {
   m.impl("multi_task_loss", &multi_task_loss_cuda);
   m.impl("multi_task_loss_chunked", &multi_task_loss_chunked_cuda);
 }
