@@ -2,6 +2,9 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 export MTLFAST_VENV := $(VENV)
+# Build mtlfast._cuda_emulation too, so that `make test` runs the CUDA kernels' code on the CPU emulator
+# (tests/test_cuda_emulation.py); with ON that test fails, rather than skips, when the module is missing.
+export MTLFAST_CUDA_EMULATION ?= ON
 
 .PHONY: setup demo test bench info
 

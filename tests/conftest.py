@@ -14,10 +14,9 @@ sys.path.insert(0, os.path.dirname(__file__))
 import mtlfast  # noqa: E402
 import mtlfast.functional  # noqa: E402
 
-# MTLFAST_TEST_CUDA_EMULATION=1: the CPU kernels of the fused op are replaced by the CUDA backend run by the
-# emulator (mtlfast._cuda_emulation; see tests/test_cuda_emulation.py, which runs the suite so in a subprocess).
-CUDA_EMULATION = os.environ.get("MTLFAST_TEST_CUDA_EMULATION", "0") not in ("", "0")
-if CUDA_EMULATION:
+from mtl_helpers import CUDA_EMULATION  # noqa: E402
+
+if CUDA_EMULATION:  # the CUDA backend, emulated, replaces the CPU kernels (see mtl_helpers.CUDA_EMULATION)
     import mtlfast._cuda_emulation  # noqa: E402, F401
 
 
@@ -25,7 +24,18 @@ def pytest_report_header(config):
     from mtlfast import _extension
 
     backend = "compiled extension (mtlfast._C)" if mtlfast.HAS_C else f"pure-PyTorch fallback ({_extension.FALLBACK_REASON})"
+    if CUDA_EMULATION:
+        backend += "; CPU tensors served by the emulated CUDA backend (mtlfast._cuda_emulation)"
     return [f"mtlfast backend: {backend}; torch {torch.__version__}; cuda available: {torch.cuda.is_available()}"]
+
+
+def pytest_collection_modifyitems(config, items):
+    if not CUDA_EMULATION:
+        return
+    skip = pytest.mark.skip(reason="checks an error only the CPU kernels raise; the CUDA backend gives a NaN loss")
+    for item in items:
+        if item.get_closest_marker("cpu_kernel_semantics") is not None:
+            item.add_marker(skip)
 
 
 @pytest.fixture(autouse=True)

@@ -14,6 +14,7 @@ Conventions:
 from __future__ import annotations
 
 import math
+import os
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -28,7 +29,18 @@ from mtlfast._layout import TaskLayout
 from mtlfast._reference import reference_multi_task_loss
 
 requires_c = pytest.mark.skipif(not mf.HAS_C, reason="the compiled extension mtlfast._C is not loaded")
-requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+# MTLFAST_TEST_CUDA_EMULATION=1 (set by tests/test_cuda_emulation.py for its subprocess): tests/conftest.py imports
+# mtlfast._cuda_emulation, which puts the CUDA backend (glue + kernels, run by a CPU emulator of the CUDA execution
+# model) in place of the CPU kernels. The CUDA tests then run on CPU tensors ("cpu"); those that need a real device
+# (streams, CUDA graphs, a second device) are marked requires_gpu, and those that check an error only the CPU
+# kernels raise (the CUDA backend reports it as a NaN loss instead: no host sync) are marked cpu_kernel_semantics.
+CUDA_EMULATION = os.environ.get("MTLFAST_TEST_CUDA_EMULATION", "0") not in ("", "0")
+CUDA_TEST_DEVICE = "cpu" if CUDA_EMULATION else "cuda"
+requires_cuda = pytest.mark.skipif(
+    not (CUDA_EMULATION or torch.cuda.is_available()), reason="needs a CUDA GPU (or MTLFAST_TEST_CUDA_EMULATION=1)"
+)
+requires_gpu = pytest.mark.skipif(CUDA_EMULATION or not torch.cuda.is_available(), reason="needs a real CUDA GPU")
+cpu_kernel_semantics = pytest.mark.cpu_kernel_semantics
 
 KINDS = ("ce", "binary", "multilabel", "regression", "distill")
 

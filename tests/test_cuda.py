@@ -1,4 +1,6 @@
-"""The fused op on CUDA against the float64 CPU oracle. Skipped cleanly where no GPU is present.
+"""The fused op on CUDA against the float64 CPU oracle. Skipped cleanly where no GPU is present; run on CPU tensors by
+the emulated CUDA backend under MTLFAST_TEST_CUDA_EMULATION=1 (tests/test_cuda_emulation.py), except the tests that
+need a real device (requires_gpu).
 
 For fp32 / bf16 / fp16 the bar is plain PyTorch: the fused op's error (vs the float64 CPU reference on the same
 rounded inputs) must be at most twice the error of the reference loop itself evaluated in the same precision on
@@ -13,6 +15,7 @@ import torch
 
 import mtlfast as mf
 from mtl_helpers import (
+    CUDA_TEST_DEVICE,
     assert_close,
     assert_results_close,
     fused_result,
@@ -21,11 +24,12 @@ from mtl_helpers import (
     reference_result,
     relative_error,
     requires_cuda,
+    requires_gpu,
 )
 
 pytestmark = [pytest.mark.cuda, requires_cuda]
 
-DEVICE = "cuda"
+DEVICE = CUDA_TEST_DEVICE
 LOW_PRECISION = [torch.float32, torch.bfloat16, torch.float16]
 EPSILON = {torch.float32: 1e-5, torch.bfloat16: 2e-3, torch.float16: 5e-4}
 
@@ -51,6 +55,7 @@ def _no_tf32():
     torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
 
 
+@requires_gpu
 def test_backend_reporting():
     expected = "cuda" if mf.HAS_CUDA_KERNELS else "fallback"
     assert mf.backend_for(torch.device("cuda")) == expected
@@ -97,7 +102,7 @@ def test_low_precision_output_dtypes(dtype):
     targets = {k: v.to(DEVICE) for k, v in case.targets.items()}
     for chunk_rows in (None, 3):
         out = mf.functional.multi_task_loss(h, w, b, targets, case.tasks, chunk_rows=chunk_rows)
-        assert out.losses.dtype == torch.float32 and out.losses.device.type == "cuda"
+        assert out.losses.dtype == torch.float32 and out.losses.device.type == DEVICE
         out.total.backward()
         assert h.grad.dtype == w.grad.dtype == b.grad.dtype == dtype
 
@@ -152,7 +157,8 @@ def test_out_of_range_class_index_gives_nan_for_that_task(chunk_rows):
     h = case.h.to(DEVICE)
     out = heads(h, {**{k: v.to(DEVICE) for k, v in case.targets.items()}, "topic": bad.to(DEVICE)})
     losses = out.loss_vector.cpu()  # synchronises: a device-side assert would surface here
-    torch.cuda.synchronize()
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
     assert torch.isnan(losses[0])
     # The other tasks are unaffected.
     clean = heads(h, {k: v.to(DEVICE) for k, v in case.targets.items() if k != "topic"}).loss_vector.cpu()
@@ -168,6 +174,7 @@ def _graph_inputs():
     return case
 
 
+@requires_gpu
 @pytest.mark.parametrize("chunk_rows", [None, 8])
 def test_cuda_graph_capture_and_replay(chunk_rows):
     case = _graph_inputs()
@@ -201,6 +208,7 @@ def test_cuda_graph_capture_and_replay(chunk_rows):
             torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-6)
 
 
+@requires_gpu
 def test_compile_reduce_overhead_smoke():
     torch._dynamo.reset()
     case = _graph_inputs()

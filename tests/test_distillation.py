@@ -27,6 +27,8 @@ from mtl_helpers import (
     reference_result,
     relative_error,
     requires_c,
+    CUDA_TEST_DEVICE,
+    cpu_kernel_semantics,
     requires_cuda,
 )
 
@@ -347,6 +349,7 @@ def test_raw_op_rejects_integer_target(op):
             fn(*op_arg_tuple(args, last))
 
 
+@cpu_kernel_semantics
 @pytest.mark.parametrize("bad", [-0.25, math.inf])
 @pytest.mark.parametrize("chunk_rows", [None, 2])
 def test_bad_probabilities_raise_on_cpu(chunk_rows, bad):
@@ -391,7 +394,7 @@ def test_task_spec():
 @requires_cuda
 @pytest.mark.cuda
 class TestCuda:
-    DEVICE = "cuda"
+    DEVICE = CUDA_TEST_DEVICE
 
     @pytest.mark.parametrize("chunk_rows", [None, 7])
     @pytest.mark.parametrize("via", VIAS)

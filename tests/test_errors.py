@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import mtlfast as mf
-from mtl_helpers import make_case, op_arg_tuple, op_args, requires_cuda
+from mtl_helpers import cpu_kernel_semantics, make_case, op_arg_tuple, op_args, requires_gpu
 
 ops = torch.ops.mtlfast
 
@@ -83,6 +83,7 @@ def test_target_shape_must_follow_leading_dims(heads):
     _raises(ValueError, "'spam'", heads, torch.randn(2, 3, D), targets)
 
 
+@cpu_kernel_semantics
 @pytest.mark.parametrize("bad", [5, 6, 1000, -1, -2, -99])
 def test_class_index_out_of_range(heads, bad):
     targets = _good_targets()
@@ -93,6 +94,7 @@ def test_class_index_out_of_range(heads, bad):
         assert str(bad) in str(info.value)
 
 
+@cpu_kernel_semantics
 def test_custom_ignore_index_is_not_out_of_range():
     heads = mf.MultiTaskHeads(D, [mf.Classification("c", num_classes=3, ignore_index=-1)])
     heads(torch.randn(B, D), {"c": torch.tensor([0, -1, 2, -1])})
@@ -143,14 +145,14 @@ def test_target_on_another_device_meta(heads):
     _raises(ValueError, "'spam'.*device|'spam'.* is on", heads, torch.randn(B, D), targets)
 
 
-@requires_cuda
+@requires_gpu
 def test_target_on_another_device_cuda(heads):
     targets = _good_targets()
     targets["topic"] = targets["topic"].cuda()
     _raises(ValueError, "'topic'", heads, torch.randn(B, D), targets)
 
 
-@requires_cuda
+@requires_gpu
 def test_heads_on_another_device_than_h(heads):
     _raises(ValueError, "cuda|cpu", heads.cuda(), torch.randn(B, D), {k: v.cuda() for k, v in _good_targets().items()})
 
@@ -314,6 +316,7 @@ def _raw_case():
     return make_case(0, _tasks(), batch_shape=(B,), features=D)
 
 
+@cpu_kernel_semantics
 @pytest.mark.parametrize("op", ["multi_task_loss", "multi_task_loss_chunked"])
 @pytest.mark.parametrize("bad", [5, -1, 77])
 def test_raw_op_class_index_out_of_range(op, bad):

@@ -12,6 +12,7 @@
 
 #include "mtlfast/op_signatures.h"
 #include "mtlfast_cuda_emulation.h"
+#include "selftest_kernels.h"
 
 namespace mtlfast {
 namespace {
@@ -56,7 +57,63 @@ PyObject* set_thread_order(PyObject*, PyObject* args) {
 
 PyObject* launches(PyObject*, PyObject*) { return PyLong_FromLongLong(emulation::launches()); }
 
+// selftest(name, values) -> list[float]: runs a self-test kernel on the 256 values; RuntimeError when the launch
+// failed (the emulator's message).
+PyObject* selftest(PyObject*, PyObject* args) {
+  const char* name = nullptr;
+  PyObject* values = nullptr;
+  if (!PyArg_ParseTuple(args, "sO", &name, &values)) {
+    return nullptr;
+  }
+  const std::string which(name);
+  emulation::Selftest kernel;
+  if (which == "block_sum") {
+    kernel = emulation::Selftest::kBlockSum;
+  } else if (which == "block_sum_without_barrier") {
+    kernel = emulation::Selftest::kBlockSumWithoutBarrier;
+  } else if (which == "divergent_barrier") {
+    kernel = emulation::Selftest::kDivergentBarrier;
+  } else if (which == "shuffle_after_exit") {
+    kernel = emulation::Selftest::kShuffleAfterExit;
+  } else if (which == "deadlock") {
+    kernel = emulation::Selftest::kDeadlock;
+  } else {
+    PyErr_Format(PyExc_ValueError, "unknown self-test %s", name);
+    return nullptr;
+  }
+  float in[256] = {};
+  float out[256] = {};
+  PyObject* sequence = PySequence_Fast(values, "values must be a sequence of 256 floats");
+  if (sequence == nullptr) {
+    return nullptr;
+  }
+  if (PySequence_Fast_GET_SIZE(sequence) != 256) {
+    Py_DECREF(sequence);
+    PyErr_SetString(PyExc_ValueError, "values must be a sequence of 256 floats");
+    return nullptr;
+  }
+  for (int i = 0; i < 256; ++i) {
+    in[i] = static_cast<float>(PyFloat_AsDouble(PySequence_Fast_GET_ITEM(sequence, i)));
+  }
+  Py_DECREF(sequence);
+  if (PyErr_Occurred()) {
+    return nullptr;
+  }
+  if (emulation::launch_selftest(kernel, in, out) != cudaSuccess) {
+    PyErr_SetString(PyExc_RuntimeError, emulation::last_error_message());
+    return nullptr;
+  }
+  PyObject* result = PyList_New(256);
+  for (int i = 0; i < 256; ++i) {
+    PyList_SET_ITEM(result, i, PyFloat_FromDouble(out[i]));
+  }
+  return result;
+}
+
 PyMethodDef methods[] = {
+    {"selftest", selftest, METH_VARARGS,
+     "selftest(name, values) -> list[float]: runs one of the emulator's self-test kernels (block_sum, "
+     "block_sum_without_barrier, divergent_barrier, shuffle_after_exit, deadlock) on 256 floats."},
     {"set_thread_order", set_thread_order, METH_VARARGS,
      "set_thread_order(order: 'forward' | 'reverse' | 'shuffled', seed: int = 0): the order in which the emulator "
      "resumes the threads of a block (results must not depend on it)."},

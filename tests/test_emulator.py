@@ -1,0 +1,108 @@
+"""The CUDA emulation itself (mtlfast._cuda_emulation): it really runs the CUDA kernels for every entry point, their
+results do not depend on the order in which it resumes a block's threads, and it catches the synchronisation bugs
+it claims to (planted in its self-test kernels). Runs only under MTLFAST_TEST_CUDA_EMULATION=1, i.e. in the
+subprocess of tests/test_cuda_emulation.py."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+import mtlfast as mf
+from mtl_helpers import CUDA_EMULATION, fused_result, make_case, op_arg_tuple, op_args, random_tasks
+
+pytestmark = pytest.mark.skipif(not CUDA_EMULATION, reason="runs under MTLFAST_TEST_CUDA_EMULATION=1 (test_cuda_emulation.py)")
+
+if CUDA_EMULATION:
+    from mtlfast import _cuda_emulation as emulation
+
+
+@pytest.fixture
+def thread_order():
+    yield emulation.set_thread_order
+    emulation.set_thread_order("forward", 0)
+
+
+def _launches(fn) -> int:
+    before = emulation.launches()
+    fn()
+    return emulation.launches() - before
+
+
+def _mixed_case(seed: int, batch_shape=(37,)):
+    """Narrow segments (warp kernel) and wide ones (> 1024 columns: block kernel) of every kind."""
+    tasks = [
+        mf.Classification("ce", num_classes=5, label_smoothing=0.1),
+        mf.Classification("vocab", num_classes=1100, label_smoothing=0.05, ignore_index=-1),
+        mf.Binary("bin", pos_weight=2.0),
+        mf.MultiLabel("wide_tags", num_labels=1030),
+        mf.Regression("huber", dim=3, loss="huber", delta=0.5),
+        mf.Distillation("kd", 7, temperature=2.0),
+        mf.Distillation("kd_wide", 1200, temperature=3.0, targets="probs"),
+        mf.Regression("absent", dim=2),
+    ]
+    return make_case(seed, tasks, batch_shape=batch_shape, features=8, absent=["absent"])
+
+
+def test_every_entry_point_runs_the_emulated_kernels():
+    case = make_case(0, random_tasks(random.Random(0), count=4), batch_shape=(9,), features=5)
+    heads = mf.MultiTaskHeads(5, case.tasks, dtype=torch.float64)
+    h = case.h.clone().requires_grad_()
+    args = op_args(case)
+    # Three launches per batch of narrow tasks: denominators, segment losses, finalize.
+    assert _launches(lambda: heads(h, case.targets).loss.backward()) == 3  # the C++ eager entry point
+    assert _launches(lambda: fused_result(case, via="functional", chunk_rows=None)) == 3
+    assert _launches(lambda: torch.ops.mtlfast.multi_task_loss(*op_arg_tuple(args, False))) == 3
+    compiled = torch.compile(lambda x: heads(x, case.targets).loss, fullgraph=True)
+    assert _launches(lambda: compiled(case.h)) == 3
+    # Chunks are rounded up to multiples of 32 rows: 70 rows in chunks of 4 -> 3 chunks, a segment launch each.
+    long_case = make_case(0, case.tasks, batch_shape=(70,), features=5)
+    assert _launches(lambda: fused_result(long_case, via="functional", chunk_rows=4)) == 1 + 3 + 1
+    assert _launches(lambda: torch.ops.mtlfast.multi_task_loss_chunked(*op_arg_tuple(op_args(long_case), 4))) == 5
+    gram = torch.eye(3, dtype=torch.float64)
+    assert _launches(lambda: torch.ops.mtlfast.pcgrad_weights(gram, torch.zeros(3, 3, dtype=torch.int64))) == 1
+    assert _launches(lambda: torch.ops.mtlfast.min_norm_weights(gram, 5)) == 1
+
+
+@pytest.mark.parametrize("chunk_rows", [None, 32])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_results_do_not_depend_on_the_thread_order(thread_order, dtype, chunk_rows):
+    """Every reduction runs in a fixed order and every barrier is in place: bitwise the same results whichever
+    order the emulator resumes a block's threads in (a missing __syncthreads reads stale shared memory under
+    one of them; see test_planted_bugs_are_caught)."""
+    case = _mixed_case(1, batch_shape=(70,))
+    results = []
+    for order, seed in [("forward", 0), ("reverse", 0), ("shuffled", 1), ("shuffled", 2)]:
+        thread_order(order, seed)
+        results.append(fused_result(case, dtype=dtype, chunk_rows=chunk_rows, return_logits=True))
+    first = results[0]
+    assert torch.isfinite(first.losses).all()
+    for other in results[1:]:
+        assert torch.equal(other.losses, first.losses) and torch.equal(other.total, first.total)
+        for name, grad in first.grads.items():
+            assert torch.equal(other.grads[name], grad), name
+
+
+def test_planted_bugs_are_caught(thread_order):
+    values = [float((7 * i) % 11) - 3.0 for i in range(256)]
+    sums_without_barrier = set()
+    for order, seed in [("forward", 0), ("reverse", 0), ("shuffled", 5)]:
+        thread_order(order, seed)
+        assert emulation.selftest("block_sum", values)[0] == sum(values)
+        sums_without_barrier.add(emulation.selftest("block_sum_without_barrier", values)[0])
+        with pytest.raises(RuntimeError, match="divergent __syncthreads"):
+            emulation.selftest("divergent_barrier", values)
+        with pytest.raises(RuntimeError, match="lanes of the warp returned"):
+            emulation.selftest("shuffle_after_exit", values)
+        with pytest.raises(RuntimeError, match="deadlock.*1 of 32 threads at __syncthreads"):
+            emulation.selftest("deadlock", values)
+    assert sums_without_barrier != {sum(values)}  # the missing barrier shows under some order
+
+
+def test_a_failed_launch_raises_and_leaves_the_emulator_usable():
+    with pytest.raises(RuntimeError, match="deadlock"):
+        emulation.selftest("deadlock", [0.0] * 256)
+    case = _mixed_case(2, batch_shape=(5,))
+    assert torch.isfinite(fused_result(case, chunk_rows=None).losses).all()
