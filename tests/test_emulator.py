@@ -19,6 +19,9 @@ if CUDA_EMULATION:
     from mtlfast import _cuda_emulation as emulation
 
 
+ORDERS = [("forward", 0), ("reverse", 0), ("shuffled", 1), ("shuffled", 2), ("warps_forward", 0), ("warps_reverse", 0)]
+
+
 @pytest.fixture
 def thread_order():
     yield emulation.set_thread_order
@@ -74,7 +77,7 @@ def test_results_do_not_depend_on_the_thread_order(thread_order, dtype, chunk_ro
     one of them; see test_planted_bugs_are_caught)."""
     case = _mixed_case(1, batch_shape=(70,))
     results = []
-    for order, seed in [("forward", 0), ("reverse", 0), ("shuffled", 1), ("shuffled", 2)]:
+    for order, seed in ORDERS:
         thread_order(order, seed)
         results.append(fused_result(case, dtype=dtype, chunk_rows=chunk_rows, return_logits=True))
     first = results[0]
@@ -87,18 +90,28 @@ def test_results_do_not_depend_on_the_thread_order(thread_order, dtype, chunk_ro
 
 def test_planted_bugs_are_caught(thread_order):
     values = [float((7 * i) % 11) - 3.0 for i in range(256)]
-    sums_without_barrier = set()
-    for order, seed in [("forward", 0), ("reverse", 0), ("shuffled", 5)]:
+    total = sum(values)
+    seen_without_barrier = set()
+    for order, seed in ORDERS:
         thread_order(order, seed)
-        assert emulation.selftest("block_sum", values)[0] == sum(values)
-        sums_without_barrier.add(emulation.selftest("block_sum_without_barrier", values)[0])
+        assert emulation.selftest("block_sum", values)[0] == total
+        assert set(emulation.selftest("two_sums", values)) == {total}
+        seen_without_barrier.add(emulation.selftest("block_sum_without_barrier", values)[0])
+        seen_without_barrier.update(emulation.selftest("two_sums_without_trailing_barrier", values))
         with pytest.raises(RuntimeError, match="divergent __syncthreads"):
             emulation.selftest("divergent_barrier", values)
         with pytest.raises(RuntimeError, match="lanes of the warp returned"):
             emulation.selftest("shuffle_after_exit", values)
         with pytest.raises(RuntimeError, match="deadlock.*1 of 32 threads at __syncthreads"):
             emulation.selftest("deadlock", values)
-    assert sums_without_barrier != {sum(values)}  # the missing barrier shows under some order
+    # A missing barrier before a read (block_sum) or after one (two_sums) gives wrong sums under some order.
+    assert seen_without_barrier - {total}
+    # Shared memory keeps what the last launch left (as on a GPU): new values, so stale partial sums are wrong ones.
+    shifted = [v + 1.0 for v in values]
+    thread_order("forward", 0)
+    assert emulation.selftest("block_sum_without_barrier", shifted)[0] != sum(shifted)
+    thread_order("warps_forward", 0)
+    assert set(emulation.selftest("two_sums_without_trailing_barrier", shifted)) != {sum(shifted)}
 
 
 def test_a_failed_launch_raises_and_leaves_the_emulator_usable():

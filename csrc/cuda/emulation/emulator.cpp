@@ -204,16 +204,33 @@ void fiber_main() {
   std::abort();
 }
 
+bool warps_in_turn() {
+  return thread_order == ThreadOrder::kWarpsForward || thread_order == ThreadOrder::kWarpsReverse;
+}
+
 std::vector<std::size_t> resume_order(std::size_t n, std::uint64_t block_seed) {
   std::vector<std::size_t> order(n);
   std::iota(order.begin(), order.end(), std::size_t(0));
-  if (thread_order == ThreadOrder::kReverse) {
+  if (thread_order == ThreadOrder::kReverse || thread_order == ThreadOrder::kWarpsReverse) {
     std::reverse(order.begin(), order.end());
   } else if (thread_order == ThreadOrder::kShuffled) {
     std::mt19937_64 rng(order_seed * 0x9E3779B97F4A7C15ull + block_seed);
     std::shuffle(order.begin(), order.end(), rng);
   }
   return order;
+}
+
+// Resumes every runnable fiber of `order` once.
+void resume_each(Block& block, const std::vector<std::size_t>& order, std::size_t begin, std::size_t end) {
+  for (std::size_t k = begin; k < end; ++k) {
+    Fiber& f = block.fibers[order[k]];
+    if (f.done || (f.wait_generation != nullptr && *f.wait_generation == f.arrived_generation)) {
+      continue;
+    }
+    block.current = &f;
+    switch_context(block.scheduler, f.context);
+    block.current = nullptr;
+  }
 }
 
 // Runs one block to completion; false when its threads deadlocked (block.error says where).
@@ -238,14 +255,19 @@ bool run_block(Block& block, uint3 block_idx, dim3 grid, dim3 dims, std::uint64_
   const std::vector<std::size_t> order = resume_order(threads, block_seed);
   while (block.live > 0) {
     const std::uint64_t progress_before = block.progress;
-    for (std::size_t i : order) {
-      Fiber& f = block.fibers[i];
-      if (f.done || (f.wait_generation != nullptr && *f.wait_generation == f.arrived_generation)) {
-        continue;
+    if (warps_in_turn()) {
+      // One warp runs as far as it can before the next one starts: the schedule that exposes a warp overwriting
+      // shared memory the other warps have not read yet (a missing barrier after a read).
+      for (std::size_t begin = 0; begin < threads; begin += kWarpSize) {
+        const std::size_t end = std::min<std::size_t>(threads, begin + kWarpSize);
+        std::uint64_t before;
+        do {
+          before = block.progress;
+          resume_each(block, order, begin, end);
+        } while (block.progress != before);
       }
-      block.current = &f;
-      switch_context(block.scheduler, f.context);
-      block.current = nullptr;
+    } else {
+      resume_each(block, order, 0, threads);
     }
     if (block.live > 0 && block.progress == progress_before) {
       std::string where = block.barrier.arrived > 0 ? std::string(" (") + std::to_string(block.barrier.arrived) +

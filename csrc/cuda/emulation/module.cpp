@@ -47,8 +47,13 @@ PyObject* set_thread_order(PyObject*, PyObject* args) {
     emulation::set_thread_order(emulation::ThreadOrder::kReverse, seed);
   } else if (order == "shuffled") {
     emulation::set_thread_order(emulation::ThreadOrder::kShuffled, seed);
+  } else if (order == "warps_forward") {
+    emulation::set_thread_order(emulation::ThreadOrder::kWarpsForward, seed);
+  } else if (order == "warps_reverse") {
+    emulation::set_thread_order(emulation::ThreadOrder::kWarpsReverse, seed);
   } else {
-    PyErr_Format(PyExc_ValueError, "thread order must be 'forward', 'reverse' or 'shuffled', got %R",
+    PyErr_Format(PyExc_ValueError,
+                 "thread order must be 'forward', 'reverse', 'shuffled', 'warps_forward' or 'warps_reverse', got %R",
                  PyTuple_GET_ITEM(args, 0));
     return nullptr;
   }
@@ -77,6 +82,10 @@ PyObject* selftest(PyObject*, PyObject* args) {
     kernel = emulation::Selftest::kShuffleAfterExit;
   } else if (which == "deadlock") {
     kernel = emulation::Selftest::kDeadlock;
+  } else if (which == "two_sums") {
+    kernel = emulation::Selftest::kTwoSums;
+  } else if (which == "two_sums_without_trailing_barrier") {
+    kernel = emulation::Selftest::kTwoSumsWithoutTrailingBarrier;
   } else {
     PyErr_Format(PyExc_ValueError, "unknown self-test %s", name);
     return nullptr;
@@ -113,10 +122,11 @@ PyObject* selftest(PyObject*, PyObject* args) {
 PyMethodDef methods[] = {
     {"selftest", selftest, METH_VARARGS,
      "selftest(name, values) -> list[float]: runs one of the emulator's self-test kernels (block_sum, "
-     "block_sum_without_barrier, divergent_barrier, shuffle_after_exit, deadlock) on 256 floats."},
+     "block_sum_without_barrier, two_sums, two_sums_without_trailing_barrier, divergent_barrier, shuffle_after_exit, deadlock) "
+     "on 256 floats."},
     {"set_thread_order", set_thread_order, METH_VARARGS,
-     "set_thread_order(order: 'forward' | 'reverse' | 'shuffled', seed: int = 0): the order in which the emulator "
-     "resumes the threads of a block (results must not depend on it)."},
+     "set_thread_order(order: 'forward' | 'reverse' | 'shuffled' | 'warps_forward' | 'warps_reverse', seed: int = 0): "
+     "the order in which the emulator resumes the threads of a block (results must not depend on it)."},
     {"launches", launches, METH_NOARGS, "launches() -> int: emulated kernel launches so far (this thread)."},
     {nullptr, nullptr, 0, nullptr}};
 

@@ -40,6 +40,35 @@ __global__ void block_sum_kernel(const float* in, float* out) {
   }
 }
 
+// Two block sums through the same shared array, every thread getting both results; without the barrier after the
+// reads of the first, a warp that runs ahead overwrites its slot before slower warps have read it. out[t] = the
+// first sum seen by thread t.
+template <bool kWithTrailingBarrier>
+__device__ float block_all_sum(float v, float* partial) {
+  v = warp_sum(v);
+  if (threadIdx.x % 32 == 0) {
+    partial[threadIdx.x / 32] = v;
+  }
+  __syncthreads();
+  float total = 0.0f;
+  for (int w = 0; w < kWarps; ++w) {
+    total += partial[w];
+  }
+  if (kWithTrailingBarrier) {
+    __syncthreads();
+  }
+  return total;
+}
+
+template <bool kWithTrailingBarrier>
+__global__ void two_sums_kernel(const float* in, float* out) {
+  __shared__ float partial[kWarps];
+  const float x = in[threadIdx.x];
+  const float sum = block_all_sum<kWithTrailingBarrier>(x, partial);
+  const float sum_of_squares = block_all_sum<kWithTrailingBarrier>(x * x, partial);
+  out[threadIdx.x] = sum_of_squares >= 0.0f ? sum : -1.0f;  // the first sum, after the second reduction ran
+}
+
 // Two halves of the block wait at two different barriers (undefined on a GPU).
 __global__ void divergent_barrier_kernel(float* out) {
   if (threadIdx.x < kThreads / 2) {
@@ -75,6 +104,12 @@ cudaError_t launch_selftest(Selftest which, const float* in, float* out) {
       break;
     case Selftest::kBlockSumWithoutBarrier:
       block_sum_kernel<false><<<1, kThreads, 0, nullptr>>>(in, out);
+      break;
+    case Selftest::kTwoSums:
+      two_sums_kernel<true><<<1, kThreads, 0, nullptr>>>(in, out);
+      break;
+    case Selftest::kTwoSumsWithoutTrailingBarrier:
+      two_sums_kernel<false><<<1, kThreads, 0, nullptr>>>(in, out);
       break;
     case Selftest::kDivergentBarrier:
       divergent_barrier_kernel<<<1, kThreads, 0, nullptr>>>(out);

@@ -6,7 +6,15 @@
 namespace mtlfast {
 namespace emulation {
 
-enum class Selftest { kBlockSum, kBlockSumWithoutBarrier, kDivergentBarrier, kShuffleAfterExit, kDeadlock };
+enum class Selftest {
+  kBlockSum,
+  kBlockSumWithoutBarrier,
+  kTwoSums,
+  kTwoSumsWithoutTrailingBarrier,
+  kDivergentBarrier,
+  kShuffleAfterExit,
+  kDeadlock,
+};
 
 cudaError_t launch_selftest(Selftest which, const float* in, float* out);
 

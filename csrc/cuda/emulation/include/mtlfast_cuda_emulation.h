@@ -80,8 +80,10 @@ void sync_threads(const char* site);
 // Runs `body(context)` as every thread of every block of the grid; returns cudaSuccess or the first error.
 cudaError_t run_grid(dim3 grid, dim3 block, void (*body)(void*), void* context);
 
-// Order in which the fibers of a block are resumed: kernels must give the same results whichever it is.
-enum class ThreadOrder { kForward, kReverse, kShuffled };
+// Order in which the fibers of a block are resumed: kernels must give the same results whichever it is. kForward /
+// kReverse / kShuffled resume every runnable thread once per round; kWarpsForward / kWarpsReverse run one warp as
+// far as it gets before the next (warps taken in ascending / descending order).
+enum class ThreadOrder { kForward, kReverse, kShuffled, kWarpsForward, kWarpsReverse };
 void set_thread_order(ThreadOrder order, std::uint64_t seed);
 
 // Launches of the kernels run and whether one failed since the last reset (for the tests).
