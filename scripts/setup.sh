@@ -54,5 +54,5 @@ if ! timeout "${MTLFAST_BUILD_TIMEOUT:-1800}" "$PY" -m pip install --no-build-is
   tail -n 60 build/build.log
   exit 1
 fi
-grep -E "mtlfast: CUDA kernels" build/build.log | tail -n 1 || true
+grep -E "mtlfast: CUDA (kernels|emulation)" build/build.log | tail -n 2 || true
 "$PY" -m mtlfast info

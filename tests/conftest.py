@@ -17,6 +17,14 @@ import mtlfast.functional  # noqa: E402
 from mtl_helpers import CUDA_EMULATION  # noqa: E402
 
 if CUDA_EMULATION:  # the CUDA backend, emulated, replaces the CPU kernels (see mtl_helpers.CUDA_EMULATION)
+    if os.environ.get("MTLFAST_CUDA_EMULATION_MODULE"):  # another build of it (scripts/check_cuda_emulation_asan.sh)
+        import importlib.util
+
+        _spec = importlib.util.spec_from_file_location(
+            "mtlfast._cuda_emulation", os.environ["MTLFAST_CUDA_EMULATION_MODULE"]
+        )
+        sys.modules[_spec.name] = importlib.util.module_from_spec(_spec)
+        _spec.loader.exec_module(sys.modules[_spec.name])
     import mtlfast._cuda_emulation  # noqa: E402, F401
 
 

@@ -7,8 +7,10 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
+#include <cstring>
 #include <string>
 #include <tuple>
+#include <utility>
 
 #include "mtlfast/op_signatures.h"
 #include "mtlfast_cuda_emulation.h"
@@ -34,29 +36,47 @@ static_assert(std::is_same_v<decltype(composite_backward), MultiTaskLossBackward
 
 TORCH_LIBRARY_IMPL(mtlfast, CPU, m) { m.impl("multi_task_loss_backward", &composite_backward); }
 
+// Looks `name` up in a table of {name, value} pairs; sets a ValueError listing the names when it is not there.
+template <typename Value, std::size_t N>
+bool lookup(const std::pair<const char*, Value> (&table)[N], const char* name, const char* what, Value* out) {
+  std::string names;
+  for (const auto& [key, value] : table) {
+    if (std::strcmp(key, name) == 0) {
+      *out = value;
+      return true;
+    }
+    names += names.empty() ? key : std::string(", ") + key;
+  }
+  PyErr_Format(PyExc_ValueError, "unknown %s '%s' (one of: %s)", what, name, names.c_str());
+  return false;
+}
+
+const std::pair<const char*, emulation::ThreadOrder> kThreadOrders[] = {
+    {"forward", emulation::ThreadOrder::kForward},
+    {"reverse", emulation::ThreadOrder::kReverse},
+    {"shuffled", emulation::ThreadOrder::kShuffled},
+    {"warps_forward", emulation::ThreadOrder::kWarpsForward},
+    {"warps_reverse", emulation::ThreadOrder::kWarpsReverse},
+};
+
+const std::pair<const char*, emulation::Selftest> kSelftests[] = {
+    {"block_sum", emulation::Selftest::kBlockSum},
+    {"block_sum_without_barrier", emulation::Selftest::kBlockSumWithoutBarrier},
+    {"two_sums", emulation::Selftest::kTwoSums},
+    {"two_sums_without_trailing_barrier", emulation::Selftest::kTwoSumsWithoutTrailingBarrier},
+    {"divergent_barrier", emulation::Selftest::kDivergentBarrier},
+    {"shuffle_after_exit", emulation::Selftest::kShuffleAfterExit},
+    {"deadlock", emulation::Selftest::kDeadlock},
+};
+
 PyObject* set_thread_order(PyObject*, PyObject* args) {
   const char* name = nullptr;
   unsigned long long seed = 0;
-  if (!PyArg_ParseTuple(args, "s|K", &name, &seed)) {
+  emulation::ThreadOrder order;
+  if (!PyArg_ParseTuple(args, "s|K", &name, &seed) || !lookup(kThreadOrders, name, "thread order", &order)) {
     return nullptr;
   }
-  const std::string order(name);
-  if (order == "forward") {
-    emulation::set_thread_order(emulation::ThreadOrder::kForward, seed);
-  } else if (order == "reverse") {
-    emulation::set_thread_order(emulation::ThreadOrder::kReverse, seed);
-  } else if (order == "shuffled") {
-    emulation::set_thread_order(emulation::ThreadOrder::kShuffled, seed);
-  } else if (order == "warps_forward") {
-    emulation::set_thread_order(emulation::ThreadOrder::kWarpsForward, seed);
-  } else if (order == "warps_reverse") {
-    emulation::set_thread_order(emulation::ThreadOrder::kWarpsReverse, seed);
-  } else {
-    PyErr_Format(PyExc_ValueError,
-                 "thread order must be 'forward', 'reverse', 'shuffled', 'warps_forward' or 'warps_reverse', got %R",
-                 PyTuple_GET_ITEM(args, 0));
-    return nullptr;
-  }
+  emulation::set_thread_order(order, seed);
   Py_RETURN_NONE;
 }
 
@@ -67,27 +87,8 @@ PyObject* launches(PyObject*, PyObject*) { return PyLong_FromLongLong(emulation:
 PyObject* selftest(PyObject*, PyObject* args) {
   const char* name = nullptr;
   PyObject* values = nullptr;
-  if (!PyArg_ParseTuple(args, "sO", &name, &values)) {
-    return nullptr;
-  }
-  const std::string which(name);
   emulation::Selftest kernel;
-  if (which == "block_sum") {
-    kernel = emulation::Selftest::kBlockSum;
-  } else if (which == "block_sum_without_barrier") {
-    kernel = emulation::Selftest::kBlockSumWithoutBarrier;
-  } else if (which == "divergent_barrier") {
-    kernel = emulation::Selftest::kDivergentBarrier;
-  } else if (which == "shuffle_after_exit") {
-    kernel = emulation::Selftest::kShuffleAfterExit;
-  } else if (which == "deadlock") {
-    kernel = emulation::Selftest::kDeadlock;
-  } else if (which == "two_sums") {
-    kernel = emulation::Selftest::kTwoSums;
-  } else if (which == "two_sums_without_trailing_barrier") {
-    kernel = emulation::Selftest::kTwoSumsWithoutTrailingBarrier;
-  } else {
-    PyErr_Format(PyExc_ValueError, "unknown self-test %s", name);
+  if (!PyArg_ParseTuple(args, "sO", &name, &values) || !lookup(kSelftests, name, "self-test", &kernel)) {
     return nullptr;
   }
   float in[256] = {};
