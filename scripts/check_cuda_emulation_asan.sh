@@ -20,9 +20,10 @@ fi
 rm -f "$BUILD"/asan.log.*
 status=0
 # The fibers' stacks are the emulator's own (mmap): no use-after-return tracking on them; leaks are torch's business.
+# libstdc++ preloaded too: ASan's __cxa_throw interceptor must find the real one before the first C++ exception.
 MTLFAST_TEST_CUDA_EMULATION=1 MTLFAST_CUDA_EMULATION_MODULE="$(ls "$BUILD"/_cuda_emulation*.so)" \
   ASAN_OPTIONS="detect_leaks=0:detect_stack_use_after_return=0:halt_on_error=1:log_path=$PWD/$BUILD/asan.log" \
-  LD_PRELOAD="$(${CXX:-g++} -print-file-name=libasan.so)" \
+  LD_PRELOAD="$(${CXX:-g++} -print-file-name=libasan.so) $(${CXX:-g++} -print-file-name=libstdc++.so.6)" \
   "$PY" -m pytest -q -p no:cacheprovider "$@" || status=$?
 if compgen -G "$BUILD/asan.log.*" >/dev/null; then
   echo "== AddressSanitizer reports:"
