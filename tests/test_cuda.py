@@ -139,6 +139,35 @@ def test_return_logits_on_cuda(chunk_rows):
     assert_results_close(actual, reference_result(case, objective))
 
 
+def _decomposition_edges():
+    """Task layouts at the edges of the kernels' work decomposition (csrc/cuda/multi_task_loss_kernels.h)."""
+    many = [mf.Binary(f"b{i}", pos_weight=1.0 + i % 3) for i in range(58)]
+    many += [mf.Classification("w1024", num_classes=1024, label_smoothing=0.1),  # the widest warp-kernel segment
+             mf.Classification("w1025", num_classes=1025, ignore_index=-1),  # the narrowest block-kernel one
+             mf.MultiLabel("ml33", num_labels=33), mf.Regression("r3", dim=3, loss="huber", delta=0.3),
+             mf.Distillation("kd", 1030, temperature=2.0), mf.Distillation("kp", 6, targets="probs"),
+             mf.Classification("c5", num_classes=5), mf.Regression("l1", loss="l1")]
+    yield pytest.param(many, (45,), id="66 tasks in two launch groups")
+    unaligned = [mf.Binary("a"), mf.Classification("c3", num_classes=3, class_weights=[1.0, 2.0, 0.5]),
+                 mf.Classification("wide", num_classes=1027, label_smoothing=0.2),
+                 mf.MultiLabel("wide_ml", num_labels=1031, pos_weight=[1.0 + (i % 4) for i in range(1031)]),
+                 mf.Distillation("wide_kp", 1029, temperature=1.5, targets="probs")]
+    yield pytest.param(unaligned, (2, 17), id="wide segments off the 16-byte grid")
+    few = [mf.Classification("c", 5), mf.Binary("b"), mf.Regression("r", dim=2)]
+    yield pytest.param(few, (4500,), id="4500 rows in 32 denominator slots")
+
+
+@pytest.mark.parametrize("chunk_rows", [None, 40])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("tasks, batch_shape", list(_decomposition_edges()))
+def test_decomposition_edges(tasks, batch_shape, dtype, chunk_rows):
+    case = make_case(13, tasks, batch_shape=batch_shape, features=6, p_missing=0.2)
+    if dtype != torch.float64:  # the reference on the same rounded inputs
+        case.h, case.weight, case.bias = (t.to(dtype).double() for t in (case.h, case.weight, case.bias))
+    actual = fused_result(case, dtype=dtype, device=DEVICE, chunk_rows=chunk_rows)
+    assert_results_close(actual, reference_result(case), dtype)
+
+
 def test_big_head_auto_chunks_on_cuda(monkeypatch):
     monkeypatch.setattr(mf.functional, "CHUNK_ELEMENTS", 4096)
     monkeypatch.setattr(mf.functional, "MIN_CHUNK_ROWS", 1)
