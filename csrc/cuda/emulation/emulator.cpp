@@ -340,12 +340,23 @@ cudaError_t run_grid(dim3 grid, dim3 block_dims, void (*body)(void*), void* cont
   block.body = body;
   block.body_context = context;
   running_block = &block;
-  std::uint64_t seed = 0;
-  for (unsigned z = 0; z < grid.z && block.error.empty(); ++z) {
-    for (unsigned y = 0; y < grid.y && block.error.empty(); ++y) {
-      for (unsigned x = 0; x < grid.x && block.error.empty(); ++x) {
-        run_block(block, uint3{x, y, z}, grid, block_dims, seed++);
-      }
+  // Blocks run one after the other, in the order the thread order implies (reversed, or shuffled): two blocks
+  // writing the same location, or one reading what another writes, then give order-dependent results.
+  const std::uint64_t blocks = std::uint64_t(grid.x) * grid.y * grid.z;
+  std::vector<std::uint64_t> block_order(blocks);
+  std::iota(block_order.begin(), block_order.end(), std::uint64_t(0));
+  if (thread_order == ThreadOrder::kReverse || thread_order == ThreadOrder::kWarpsReverse) {
+    std::reverse(block_order.begin(), block_order.end());
+  } else if (thread_order == ThreadOrder::kShuffled) {
+    std::mt19937_64 rng(order_seed);
+    std::shuffle(block_order.begin(), block_order.end(), rng);
+  }
+  for (std::uint64_t b : block_order) {
+    const unsigned x = static_cast<unsigned>(b % grid.x);
+    const unsigned y = static_cast<unsigned>((b / grid.x) % grid.y);
+    const unsigned z = static_cast<unsigned>(b / (std::uint64_t(grid.x) * grid.y));
+    if (!run_block(block, uint3{x, y, z}, grid, block_dims, b) || !block.error.empty()) {
+      break;
     }
   }
   running_block = nullptr;

@@ -77,7 +77,8 @@ const unsigned char* warp_exchange(unsigned mask, const void* value, std::size_t
 // different __syncthreads (divergent barriers, undefined on a GPU) make the launch fail.
 void sync_threads(const char* site);
 
-// Runs `body(context)` as every thread of every block of the grid; returns cudaSuccess or the first error.
+// Runs `body(context)` as every thread of every block of the grid (blocks one after the other, in an order that
+// follows set_thread_order); returns cudaSuccess or the first error.
 cudaError_t run_grid(dim3 grid, dim3 block, void (*body)(void*), void* context);
 
 // Order in which the fibers of a block are resumed: kernels must give the same results whichever it is. kForward /
