@@ -158,7 +158,7 @@ def _decomposition_edges():
 
 
 @pytest.mark.parametrize("chunk_rows", [None, 40])
-@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("tasks, batch_shape", list(_decomposition_edges()))
 def test_decomposition_edges(tasks, batch_shape, dtype, chunk_rows):
     case = make_case(13, tasks, batch_shape=batch_shape, features=6, p_missing=0.2)
