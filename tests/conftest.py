@@ -16,6 +16,9 @@ import mtlfast.functional  # noqa: E402
 
 from mtl_helpers import CUDA_EMULATION  # noqa: E402
 
+# The emulator's own tests run only in the emulated subprocess of test_cuda_emulation.py.
+collect_ignore = [] if CUDA_EMULATION else ["test_emulator.py"]
+
 if CUDA_EMULATION:  # the CUDA backend, emulated, replaces the CPU kernels (see mtl_helpers.CUDA_EMULATION)
     if os.environ.get("MTLFAST_CUDA_EMULATION_MODULE"):  # another build of it (scripts/check_cuda_emulation_asan.sh)
         import importlib.util
