@@ -32,6 +32,7 @@ def test_demo_trains_both_implementations_to_the_same_metrics(tmp_path):
 
 
 def test_demo_command_line_writes_report_and_plot(tmp_path, capsys):
+    pytest.importorskip("matplotlib", reason="the demo's plot needs matplotlib (an optional dependency)")
     assert cli.main(["demo", *_args(tmp_path, "--models", "hard", "--weighting", "dwa")]) == 0
     out = capsys.readouterr().out
     assert "weighting dwa" in out and "speedup" in out

@@ -634,12 +634,16 @@ def test_history_rows():
     assert rows[1]["train_loss/b"] == 0.5 and "delta_m" not in rows[1] and "val/a/accuracy" not in rows[1]
 
 
-def test_history_plot_writes_an_image(tmp_path, monkeypatch):
+def test_history_plot_writes_an_image(tmp_path):
+    pytest.importorskip("matplotlib", reason="History.plot needs matplotlib (an optional dependency)")
     path = _two_epoch_history().plot(tmp_path / "losses.png")
     with open(path, "rb") as image:
         assert image.read(8) == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(ValueError, match="mtlfast: History.plot: no epoch"):
         History(["a"]).plot(tmp_path / "empty.png")
+
+
+def test_history_plot_without_matplotlib_says_what_to_install(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
     with pytest.raises(ImportError, match="mtlfast: History.plot needs matplotlib"):
         _two_epoch_history().plot(tmp_path / "again.png")
