@@ -163,14 +163,19 @@ void fail(Block& block, std::string message) {
   }
 }
 
+// Lets the threads waiting at `barrier` go (they watch its generation).
+void release(Barrier& barrier) {
+  barrier.arrived = 0;
+  barrier.site = nullptr;
+  ++barrier.generation;
+}
+
 // Arrives at `barrier`, shared by `*live` threads, and waits for the others (or returns at once as the last).
 void arrive_and_wait(Block& block, Barrier& barrier, const int* live) {
   const std::uint64_t generation = barrier.generation;
   ++block.progress;
   if (++barrier.arrived == *live) {
-    barrier.arrived = 0;
-    barrier.site = nullptr;
-    ++barrier.generation;
+    release(barrier);
     return;
   }
   Fiber& self = *block.current;
@@ -183,9 +188,7 @@ void arrive_and_wait(Block& block, Barrier& barrier, const int* live) {
 // A thread returned: the barriers its peers wait at may now be complete.
 void release_if_complete(Barrier& barrier, int live) {
   if (barrier.arrived > 0 && barrier.arrived == live) {
-    barrier.arrived = 0;
-    barrier.site = nullptr;
-    ++barrier.generation;
+    release(barrier);
   }
 }
 
@@ -208,13 +211,17 @@ bool warps_in_turn() {
   return thread_order == ThreadOrder::kWarpsForward || thread_order == ThreadOrder::kWarpsReverse;
 }
 
-std::vector<std::size_t> resume_order(std::size_t n, std::uint64_t block_seed) {
+// 0..n-1 in the order the thread order implies: as is, reversed, or shuffled (by the seed and `stream`, which tells
+// the blocks' own thread orders and the order of the blocks apart).
+constexpr std::uint64_t kBlockOrderStream = ~std::uint64_t(0);
+
+std::vector<std::size_t> ordered(std::size_t n, std::uint64_t stream) {
   std::vector<std::size_t> order(n);
   std::iota(order.begin(), order.end(), std::size_t(0));
   if (thread_order == ThreadOrder::kReverse || thread_order == ThreadOrder::kWarpsReverse) {
     std::reverse(order.begin(), order.end());
   } else if (thread_order == ThreadOrder::kShuffled) {
-    std::mt19937_64 rng(order_seed * 0x9E3779B97F4A7C15ull + block_seed);
+    std::mt19937_64 rng(order_seed * 0x9E3779B97F4A7C15ull + stream);
     std::shuffle(order.begin(), order.end(), rng);
   }
   return order;
@@ -233,8 +240,8 @@ void resume_each(Block& block, const std::vector<std::size_t>& order, std::size_
   }
 }
 
-// Runs one block to completion; false when its threads deadlocked (block.error says where).
-bool run_block(Block& block, uint3 block_idx, dim3 grid, dim3 dims, std::uint64_t block_seed) {
+// Runs one block to completion, or until its threads deadlock (block.error then says where).
+void run_block(Block& block, uint3 block_idx, dim3 grid, dim3 dims, std::uint64_t block_seed) {
   const unsigned threads = dims.x * dims.y * dims.z;
   block.fibers.assign(threads, Fiber{});
   block.warps.assign((threads + kWarpSize - 1) / kWarpSize, Warp{});
@@ -252,7 +259,7 @@ bool run_block(Block& block, uint3 block_idx, dim3 grid, dim3 dims, std::uint64_
     f.stack = stack_for(i);
     prepare_context(f.context, f.stack, kStackBytes, &fiber_main);
   }
-  const std::vector<std::size_t> order = resume_order(threads, block_seed);
+  const std::vector<std::size_t> order = ordered(threads, block_seed);
   while (block.live > 0) {
     const std::uint64_t progress_before = block.progress;
     if (warps_in_turn()) {
@@ -277,10 +284,9 @@ bool run_block(Block& block, uint3 block_idx, dim3 grid, dim3 dims, std::uint64_
       fail(block, "deadlock: some threads of block (" + std::to_string(block_idx.x) + ", " +
                       std::to_string(block_idx.y) + ", " + std::to_string(block_idx.z) +
                       ") wait at a barrier the others never reach" + where);
-      return false;
+      return;
     }
   }
-  return true;
 }
 
 }  // namespace
@@ -342,20 +348,12 @@ cudaError_t run_grid(dim3 grid, dim3 block_dims, void (*body)(void*), void* cont
   running_block = &block;
   // Blocks run one after the other, in the order the thread order implies (reversed, or shuffled): two blocks
   // writing the same location, or one reading what another writes, then give order-dependent results.
-  const std::uint64_t blocks = std::uint64_t(grid.x) * grid.y * grid.z;
-  std::vector<std::uint64_t> block_order(blocks);
-  std::iota(block_order.begin(), block_order.end(), std::uint64_t(0));
-  if (thread_order == ThreadOrder::kReverse || thread_order == ThreadOrder::kWarpsReverse) {
-    std::reverse(block_order.begin(), block_order.end());
-  } else if (thread_order == ThreadOrder::kShuffled) {
-    std::mt19937_64 rng(order_seed);
-    std::shuffle(block_order.begin(), block_order.end(), rng);
-  }
-  for (std::uint64_t b : block_order) {
+  for (std::size_t b : ordered(std::size_t(grid.x) * grid.y * grid.z, kBlockOrderStream)) {
     const unsigned x = static_cast<unsigned>(b % grid.x);
     const unsigned y = static_cast<unsigned>((b / grid.x) % grid.y);
-    const unsigned z = static_cast<unsigned>(b / (std::uint64_t(grid.x) * grid.y));
-    if (!run_block(block, uint3{x, y, z}, grid, block_dims, b) || !block.error.empty()) {
+    const unsigned z = static_cast<unsigned>(b / (std::size_t(grid.x) * grid.y));
+    run_block(block, uint3{x, y, z}, grid, block_dims, b);
+    if (!block.error.empty()) {
       break;
     }
   }
