@@ -16,9 +16,11 @@ import torch
 import mtlfast as mf
 from mtlfast import _fallback
 from mtl_helpers import (
+    CUDA_TEST_DEVICE,
     KINDS,
     assert_close,
     assert_results_close,
+    cpu_kernel_semantics,
     fused_result,
     make_case,
     op_arg_tuple,
@@ -27,8 +29,6 @@ from mtl_helpers import (
     reference_result,
     relative_error,
     requires_c,
-    CUDA_TEST_DEVICE,
-    cpu_kernel_semantics,
     requires_cuda,
 )
 
