@@ -48,6 +48,30 @@ TORCH_LIBRARY(mtlfast, m) {
       "Tensor? col_weight, Tensor col_task, int[] kinds, int[] col_offsets, int[] class_dims, int[] ignore_index, "
       "float[] params, str[] task_names, int chunk_rows) -> (Tensor total, Tensor losses, Tensor grad_h_per_task, "
       "Tensor grad_weight, Tensor grad_bias)");
+  // Large heads, logits recomputed in the backward (the default large-head path): the forward keeps only each row's
+  // softmax statistics, so the memory of a step is the parameters' gradients plus one block of logits. Returns
+  //   row_stats (T, N, 4), accumulation dtype, per task and row (0 for the element-wise kinds and for absent tasks):
+  //     cross-entropy  [lse, a, B, ε/C]  of loss_math.h's cross_entropy_row (lse = log Σ_c exp z_c); all four 0 for
+  //                    an ignored row (and, on CUDA, a row whose class index is out of range: its loss is NaN)
+  //     distillation   [lse_s, lse_t, m, valid]  of loss_math.h's distillation_row (lse_t 0 for probabilities,
+  //                    m = Σ_c p_c, 1 for teacher logits); all four 0 for a missing row (valid 0)
+  //   inverse_denominators (T,) accumulation dtype: 1 / each task's denominator (0 when it has no valid entry).
+  // The logits of rows [k·chunk_rows, (k+1)·chunk_rows) exist one chunk at a time; no gradient is computed here.
+  m.def(
+      "multi_task_loss_recompute(Tensor h, Tensor weight, Tensor? bias, Tensor[] targets, Tensor task_weights, "
+      "Tensor? col_weight, Tensor col_task, int[] kinds, int[] col_offsets, int[] class_dims, int[] ignore_index, "
+      "float[] params, str[] task_names, int chunk_rows) -> (Tensor total, Tensor losses, Tensor row_stats, "
+      "Tensor inverse_denominators)");
+  // Backward of multi_task_loss_recompute, with the coefficients c = grad_total·λ + grad_losses. The logits are
+  // recomputed in blocks of block_columns head columns (N × block_columns logits at a time); per block z = h W_bᵀ + b_b, dz from the
+  // saved statistics scaled by c_t / denominator_t, dW_b = dzᵀ h (written once, in h's dtype), db_b = Σ_rows dz, and
+  // dh += dz W_b (accumulated in the accumulation dtype). Returns grad_h shaped like h, grad_weight, grad_bias (empty
+  // without bias), in h's dtype.
+  m.def(
+      "multi_task_loss_recompute_backward(Tensor? grad_total, Tensor? grad_losses, Tensor task_weights, Tensor h, "
+      "Tensor weight, Tensor? bias, Tensor[] targets, Tensor? col_weight, Tensor col_task, Tensor row_stats, "
+      "Tensor inverse_denominators, int[] kinds, int[] col_offsets, int[] class_dims, int[] ignore_index, "
+      "float[] params, str[] task_names, int block_columns) -> (Tensor grad_h, Tensor grad_weight, Tensor grad_bias)");
   // Backward of multi_task_loss. The gradients of the total and of the losses (either may be absent) give one
   // coefficient per task, c = grad_total·λ + grad_losses; then dz = grad_logits · c[col_task] (+ the gradient of the
   // logits output), dh = dz W (shaped like h), dW = dzᵀ h, db = Σ_rows dz.

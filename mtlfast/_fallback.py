@@ -41,6 +41,18 @@ SCHEMAS = {
         "Tensor grad_weight, Tensor grad_bias, Tensor col_task, ScalarType h_dtype) -> (Tensor grad_h, "
         "Tensor grad_weight, Tensor grad_bias)"
     ),
+    "multi_task_loss_recompute": (
+        "(Tensor h, Tensor weight, Tensor? bias, Tensor[] targets, Tensor task_weights, Tensor? col_weight, "
+        "Tensor col_task, int[] kinds, int[] col_offsets, int[] class_dims, int[] ignore_index, float[] params, "
+        "str[] task_names, int chunk_rows) -> (Tensor total, Tensor losses, Tensor row_stats, "
+        "Tensor inverse_denominators)"
+    ),
+    "multi_task_loss_recompute_backward": (
+        "(Tensor? grad_total, Tensor? grad_losses, Tensor task_weights, Tensor h, Tensor weight, Tensor? bias, "
+        "Tensor[] targets, Tensor? col_weight, Tensor col_task, Tensor row_stats, Tensor inverse_denominators, "
+        "int[] kinds, int[] col_offsets, int[] class_dims, int[] ignore_index, float[] params, str[] task_names, "
+        "int block_columns) -> (Tensor grad_h, Tensor grad_weight, Tensor grad_bias)"
+    ),
     "per_task_input_grads": "(Tensor grad_logits, Tensor weight, int[] col_offsets) -> Tensor",
 }
 
@@ -133,12 +145,39 @@ def _denominators(targets, col_weight, kinds, col_offsets, ignore_index, acc, de
     return denominators
 
 
-def _loss_sums_and_grads(z, targets, row_slice, col_weight, kinds, col_offsets, ignore_index, params):
-    """Unnormalised per-task loss sums (T,) and per-entry logit gradients for a block of rows ``z`` (rows, S)."""
+def _elementwise_loss_and_grad(z, target, col_kind, delta, pos_weight):
+    """Unnormalised per-entry loss and logit gradient of the element-wise kinds (BCE / MSE / L1 / Huber, chosen per
+    column by ``col_kind``), as loss_math.h's elementwise_loss; both 0 where the target is NaN (missing).
+    ``col_kind`` / ``delta`` / ``pos_weight`` broadcast against the columns of ``z`` (rows, columns)."""
+    valid = ~torch.isnan(target)
+    y = torch.where(valid, target, torch.zeros_like(target))
+    d = z - y
+    bce_loss = pos_weight * y * torch.nn.functional.softplus(-z) + (1 - y) * torch.nn.functional.softplus(z)
+    sig = torch.sigmoid(z)
+    bce_grad = (1 - y) * sig - pos_weight * y * (1 - sig)
+    small = d.abs() < delta
+    huber_loss = torch.where(small, 0.5 * d * d, delta * (d.abs() - 0.5 * delta))
+    huber_grad = torch.where(small, d, delta * torch.sign(d))
+    loss = torch.where(col_kind == LossKind.BCE, bce_loss,
+           torch.where(col_kind == LossKind.MSE, d * d,
+           torch.where(col_kind == LossKind.L1, d.abs(), huber_loss)))
+    g = torch.where(col_kind == LossKind.BCE, bce_grad,
+        torch.where(col_kind == LossKind.MSE, 2 * d,
+        torch.where(col_kind == LossKind.L1, torch.sign(d), huber_grad)))
+    return torch.where(valid, loss, torch.zeros_like(loss)), torch.where(valid, g, torch.zeros_like(g))
+
+
+def _loss_sums_and_grads(z, targets, row_slice, col_weight, kinds, col_offsets, ignore_index, params, *,
+                         with_grads=True, row_stats=None):
+    """Unnormalised per-task loss sums (T,) and per-entry logit gradients for a block of rows ``z`` (rows, S).
+
+    ``with_grads=False``: the gradient is not computed (None is returned in its place). ``row_stats`` (T, rows, 4):
+    filled with the softmax statistics of the cross-entropy and distillation rows (multi_task_loss_recompute's
+    row_stats; the rows of the other tasks are left as they are)."""
     acc = z.dtype
     T = len(kinds)
     sums = torch.zeros(T, dtype=acc, device=z.device)
-    grad = torch.zeros_like(z)
+    grad = torch.zeros_like(z) if with_grads else None
     dense, ce_groups, distill_groups = _plan(tuple(kinds), tuple(col_offsets))
     if dense:
         cols = _const(_cols(dense, col_offsets), z.device)
@@ -147,23 +186,9 @@ def _loss_sums_and_grads(z, targets, row_slice, col_weight, kinds, col_offsets, 
         col_kind = _const(_per_column(kinds, dense, col_offsets), z.device)
         delta = _const(_per_column(params, dense, col_offsets), z.device, acc)
         pos_weight = col_weight.index_select(0, cols) if col_weight is not None else torch.ones_like(delta)
-        valid = ~torch.isnan(yd)
-        y = torch.where(valid, yd, torch.zeros_like(yd))
-        d = zd - y
-        bce_loss = pos_weight * y * torch.nn.functional.softplus(-zd) + (1 - y) * torch.nn.functional.softplus(zd)
-        sig = torch.sigmoid(zd)
-        bce_grad = (1 - y) * sig - pos_weight * y * (1 - sig)
-        small = d.abs() < delta
-        huber_loss = torch.where(small, 0.5 * d * d, delta * (d.abs() - 0.5 * delta))
-        huber_grad = torch.where(small, d, delta * torch.sign(d))
-        loss = torch.where(col_kind == LossKind.BCE, bce_loss,
-               torch.where(col_kind == LossKind.MSE, d * d,
-               torch.where(col_kind == LossKind.L1, d.abs(), huber_loss)))
-        g = torch.where(col_kind == LossKind.BCE, bce_grad,
-            torch.where(col_kind == LossKind.MSE, 2 * d,
-            torch.where(col_kind == LossKind.L1, torch.sign(d), huber_grad)))
-        loss = torch.where(valid, loss, torch.zeros_like(loss))
-        grad.index_copy_(1, cols, torch.where(valid, g, torch.zeros_like(g)))
+        loss, g = _elementwise_loss_and_grad(zd, yd, col_kind, delta, pos_weight)
+        if with_grads:
+            grad.index_copy_(1, cols, g)
         col_owner = _const(_per_column(range(T), dense, col_offsets), z.device)
         sums.index_add_(0, col_owner, loss.sum(0))
     for classes, group in ce_groups:
@@ -178,17 +203,22 @@ def _loss_sums_and_grads(z, targets, row_slice, col_weight, kinds, col_offsets, 
         w = col_weight.index_select(0, cols).view(G, classes) if col_weight is not None else torch.ones(G, classes, dtype=acc, device=z.device)
         eps = _const([params[t] for t in group], z.device, acc)
         log_p = torch.log_softmax(zc, dim=-1)
-        p = log_p.exp()
         w_y = torch.gather(w.expand(y.shape[0], G, classes), 2, y_safe.unsqueeze(-1)).squeeze(-1) * kept
         a = (1 - eps) * w_y  # (rows, G)
         b = (eps / classes).unsqueeze(-1) * w * kept.unsqueeze(-1)  # (rows, G, C)
         row_loss = -a * torch.gather(log_p, 2, y_safe.unsqueeze(-1)).squeeze(-1) - (b * log_p).sum(-1)
-        one_hot = torch.nn.functional.one_hot(y_safe, classes).to(acc)
-        g = (a + b.sum(-1)).unsqueeze(-1) * p - a.unsqueeze(-1) * one_hot - b
+        if with_grads:
+            one_hot = torch.nn.functional.one_hot(y_safe, classes).to(acc)
+            g = (a + b.sum(-1)).unsqueeze(-1) * log_p.exp() - a.unsqueeze(-1) * one_hot - b
+            grad.index_copy_(1, cols, g.reshape(-1, G * classes))
+        if row_stats is not None:  # [lse, a, B, ε/C], all 0 for an ignored (or out-of-range) row
+            lse = torch.logsumexp(zc, dim=-1)
+            stats = torch.stack([lse, a, b.sum(-1), (eps / classes).expand_as(lse)], dim=-1)  # (rows, G, 4)
+            stats = torch.where(kept.unsqueeze(-1), stats, torch.zeros_like(stats))
+            row_stats.index_copy_(0, _const(group, z.device), stats.transpose(0, 1))
         # An out-of-range index (only reachable off the CPU, where it is not raised) poisons its task's loss.
         bad = (~in_range) & (y != ignore)
         row_loss = torch.where(bad, torch.full_like(row_loss, float("nan")), row_loss)
-        grad.index_copy_(1, cols, g.reshape(-1, G * classes))
         sums.index_add_(0, _const(group, z.device), row_loss.sum(0))
     for (kind, classes), group in distill_groups:
         cols = _const(_cols(group, col_offsets), z.device)
@@ -209,14 +239,26 @@ def _loss_sums_and_grads(z, targets, row_slice, col_weight, kinds, col_offsets, 
         # 0 · log 0 = 0: torch.where, since p · (log p - log q) is 0 · (-inf) = NaN there.
         elements = torch.where(p == 0, torch.zeros_like(p), p * (log_p - log_q))
         row_loss = torch.where(missing.squeeze(-1), torch.zeros_like(elements[..., 0]), tau.square().view(G) * elements.sum(-1))
-        g = torch.where(missing, torch.zeros_like(p), tau * (mass * log_q.exp() - p))
-        grad.index_copy_(1, cols, g.reshape(-1, G * classes))
+        if with_grads:
+            g = torch.where(missing, torch.zeros_like(p), tau * (mass * log_q.exp() - p))
+            grad.index_copy_(1, cols, g.reshape(-1, G * classes))
+        if row_stats is not None:  # [lse_s, lse_t, m, valid], all 0 for a missing row
+            lse_s = torch.logsumexp(zc / tau, dim=-1)
+            lse_t = torch.logsumexp(y / tau, dim=-1) if kind == LossKind.DISTILL else torch.zeros_like(lse_s)
+            stats = torch.stack([lse_s, lse_t, mass.squeeze(-1), torch.ones_like(lse_s)], dim=-1)  # (rows, G, 4)
+            stats = torch.where(missing, torch.zeros_like(stats), stats)
+            row_stats.index_copy_(0, _const(group, z.device), stats.transpose(0, 1))
         sums.index_add_(0, _const(group, z.device), row_loss.sum(0))
     return sums, grad
 
 
+def _safe_reciprocal(denominators):
+    """1 / denominator per task, 0 for a task with no valid entry (loss_math.h's safe_reciprocal)."""
+    return torch.where(denominators > 0, 1.0 / denominators.clamp_min(torch.finfo(denominators.dtype).tiny), torch.zeros_like(denominators))
+
+
 def _scale_by_task(grad, denominators, col_task):
-    inverse = torch.where(denominators > 0, 1.0 / denominators.clamp_min(torch.finfo(denominators.dtype).tiny), torch.zeros_like(denominators))
+    inverse = _safe_reciprocal(denominators)
     return grad * inverse.index_select(0, col_task), inverse
 
 
@@ -379,6 +421,110 @@ def multi_task_loss_chunked(h, weight, bias, targets, task_weights, col_weight, 
     return (losses * task_weights).sum(), losses, grad_h_per_task, grad_weight, grad_bias
 
 
+def multi_task_loss_recompute(h, weight, bias, targets, task_weights, col_weight, col_task, kinds, col_offsets,
+                              class_dims, ignore_index, params, task_names, chunk_rows):
+    """Losses of multi_task_loss_chunked without any gradient, plus what the backward needs to recompute the logit
+    gradient: the softmax statistics of every cross-entropy / distillation row and 1 / each task's denominator."""
+    h, targets, task_weights, acc, denominators = _prepare(
+        h, weight, bias, targets, task_weights, col_weight, col_task, kinds, col_offsets, class_dims, ignore_index,
+        params, task_names)
+    if chunk_rows <= 0:
+        raise ValueError(f"mtlfast: chunk_rows must be positive, got {chunk_rows}")
+    T, N = len(kinds), h.shape[0]
+    sums = torch.zeros(T, dtype=acc, device=h.device)
+    row_stats = torch.zeros(T, N, 4, dtype=acc, device=h.device)
+    for start in range(0, N, chunk_rows):
+        rows = slice(start, min(N, start + chunk_rows))
+        logits = torch.nn.functional.linear(h[rows], weight, bias).to(acc)
+        chunk_sums, _ = _loss_sums_and_grads(logits, targets, rows, col_weight, kinds, col_offsets, ignore_index,
+                                             params, with_grads=False, row_stats=row_stats[:, rows])
+        sums += chunk_sums
+    inverse = _safe_reciprocal(denominators)
+    losses = sums * inverse
+    return (losses * task_weights).sum(), losses, row_stats, inverse
+
+
+def _recomputed_logit_grads(z, start, targets, col_weight, row_stats, kinds, col_offsets, params):
+    """The unnormalised logit gradient (N, width) of head columns [start, start + width) from their recomputed
+    logits ``z`` (N, width), accumulation dtype, and the forward's ``row_stats``: the formulas of loss_math.h,
+    with the softmax of a row taken from its saved log-sum-exp. A block of columns may cut through a task."""
+    stop = start + z.shape[1]
+    grad = torch.zeros_like(z)
+    for t, kind in enumerate(kinds):
+        lo, hi = max(start, col_offsets[t]), min(stop, col_offsets[t + 1])
+        if lo >= hi or kind == LossKind.NONE:
+            continue
+        zt = z[:, lo - start : hi - start]
+        classes = slice(lo - col_offsets[t], hi - col_offsets[t])  # the task's own columns in this block
+        w = col_weight[lo:hi] if col_weight is not None else None
+        if kind in _DENSE_KINDS:
+            delta = _const([params[t]], z.device, z.dtype)
+            pos_weight = w if w is not None else torch.ones_like(delta)
+            _, g = _elementwise_loss_and_grad(zt, targets[t][:, classes], _const([kind], z.device), delta, pos_weight)
+        elif kind == LossKind.CROSS_ENTROPY:
+            # (a + B)·p_c - a·[c == y] - (ε/C)·w_c; an ignored row has all four statistics 0, hence gradient 0
+            # (a + B = 0 also keeps its exp(z - 0) from overflowing into 0 · inf).
+            lse, a, B, eps_c = row_stats[t].unsqueeze(-1).unbind(1)  # each (N, 1)
+            is_target = targets[t].unsqueeze(1) == torch.arange(classes.start, classes.stop, device=z.device)
+            softmax_part = torch.where(a + B != 0, (a + B) * torch.exp(zt - lse), torch.zeros_like(zt))
+            g = softmax_part - a * is_target - eps_c * (w if w is not None else 1.0)
+        else:  # distillation: τ·(m·q_c - p_c) on valid rows, 0 on missing ones
+            lse_s, lse_t, mass, valid = row_stats[t].unsqueeze(-1).unbind(1)  # each (N, 1)
+            tau = params[t]
+            live = valid != 0
+            y = targets[t][:, classes]
+            y = torch.where(live, y, torch.zeros_like(y))  # a missing row's NaN
+            p = torch.exp(y / tau - lse_t) if kind == LossKind.DISTILL else y
+            g = torch.where(live, tau * (mass * torch.exp(zt / tau - lse_s) - p), torch.zeros_like(zt))
+        grad[:, lo - start : hi - start] = g
+    return grad
+
+
+def multi_task_loss_recompute_backward(grad_total, grad_losses, task_weights, h_in, weight, bias, targets,
+                                       col_weight, col_task, row_stats, inverse_denominators, kinds, col_offsets,
+                                       class_dims, ignore_index, params, task_names, block_columns):
+    """Backward of multi_task_loss_recompute, as csrc/recompute_backward.cpp: the logits are recomputed in blocks of
+    ``block_columns`` head columns (all N rows of them), their gradient rebuilt from the saved row statistics and
+    scaled by c_t / denominator_t; each block writes its rows of dW and db once and adds its part of dh."""
+    h, targets, task_weights = _prepare_inputs(
+        h_in, weight, bias, targets, task_weights, col_weight, col_task, kinds, col_offsets, class_dims, ignore_index,
+        params, task_names)
+    acc = _acc(h.dtype)
+    T, (N, D), S = len(kinds), h.shape, weight.shape[0]
+    _check_recompute_state(T, N, row_stats, inverse_denominators, h, acc)
+    if block_columns <= 0:
+        raise ValueError(f"mtlfast: block_columns must be positive, got {block_columns}")
+    scale = task_coefficients(grad_total, grad_losses, task_weights, acc) * inverse_denominators
+    h_acc = h.to(acc)
+    grad_h = torch.zeros(N, D, dtype=acc, device=h.device)
+    grad_weight = h.new_empty(S, D)
+    grad_bias = h.new_empty(S if bias is not None else 0)
+    for start in range(0, S, block_columns):
+        cols = slice(start, min(S, start + block_columns))
+        # The logits exactly as the forward computed them (in h's dtype, then the accumulation dtype).
+        z = torch.nn.functional.linear(h, weight[cols], None if bias is None else bias[cols]).to(acc)
+        dz = _recomputed_logit_grads(z, start, targets, col_weight, row_stats, kinds, col_offsets, params)
+        dz = dz * scale.index_select(0, col_task[cols])
+        grad_h += dz @ weight[cols].to(acc)
+        grad_weight[cols] = (dz.t() @ h_acc).to(h.dtype)
+        if bias is not None:
+            grad_bias[cols] = dz.sum(0).to(h.dtype)
+    return grad_h.to(h.dtype).view(h_in.shape), grad_weight, grad_bias
+
+
+def _check_recompute_state(T, N, row_stats, inverse_denominators, h, acc) -> None:
+    """The forward's saved state fits the inputs (csrc/task_table.cpp's check_recompute_state, same messages)."""
+    if row_stats.dim() != 3 or tuple(row_stats.shape) != (T, N, 4):
+        raise ValueError(f"mtlfast: row_stats must be (T, N, 4) = ({T}, {N}, 4), got {list(row_stats.shape)}")
+    if tuple(inverse_denominators.shape) != (T,):
+        raise ValueError(f"mtlfast: inverse_denominators must be (T,) = ({T},), got {list(inverse_denominators.shape)}")
+    for saved in (row_stats, inverse_denominators):
+        if saved.dtype != acc:
+            raise TypeError(f"mtlfast: the saved row statistics must be {acc}, got {saved.dtype}")
+        if saved.device != h.device:
+            raise ValueError(f"mtlfast: the saved row statistics are on {saved.device} but h is on {h.device}")
+
+
 def task_coefficients(grad_total, grad_losses, task_weights, acc):
     """c = grad_total·λ + grad_losses in dtype ``acc`` (csrc/task_table.cpp's task_coefficients); either gradient
     may be None."""
@@ -436,6 +582,8 @@ def define_ops() -> None:
         "multi_task_loss_chunked": multi_task_loss_chunked,
         "multi_task_loss_backward": multi_task_loss_backward,
         "multi_task_loss_chunked_backward": multi_task_loss_chunked_backward,
+        "multi_task_loss_recompute": multi_task_loss_recompute,
+        "multi_task_loss_recompute_backward": multi_task_loss_recompute_backward,
         "per_task_input_grads": per_task_input_grads,
     }
     for name, schema in SCHEMAS.items():

@@ -177,14 +177,17 @@ def fused_multi_task_loss(
         flags = tuple(target is not None for target in given)
         present = None if all(flags) else flags
         common = (kinds, layout.col_offsets, layout.class_dims, layout.ignore_index, layout.params, layout.names)
-        if chunk > 0:
+        if chunk > 0 and per_task_input_grads:  # the chunked op produces dL_t/dh in its forward
             total, losses, grad_h_per_task, _, _ = _fused.multi_task_loss_chunked(
                 h, weight, bias, op_targets, task_weights, col_weight, col_task, *common, chunk
             )
-            input_grads = None
-            if per_task_input_grads:
-                input_grads = grad_h_per_task.detach().view(layout.num_tasks, *batch_shape, h.shape[-1])
+            input_grads = grad_h_per_task.detach().view(layout.num_tasks, *batch_shape, h.shape[-1])
             return MultiTaskLossOutput(total, losses, None, input_grads), present
+        if chunk > 0:  # the backward recomputes the logits: the least memory
+            total, losses, _, _ = _fused.multi_task_loss_recompute(
+                h, weight, bias, op_targets, task_weights, col_weight, col_task, *common, chunk
+            )
+            return MultiTaskLossOutput(total, losses, None, None), present
         total, losses, grad_logits, packed_logits = _fused.multi_task_loss(
             h, weight, bias, op_targets, task_weights, col_weight, col_task, *common, return_logits
         )

@@ -62,6 +62,23 @@ def _(h, weight, bias, targets, task_weights, col_weight, col_task, kinds, col_o
             h.new_empty(s, d, dtype=acc), grad_bias)
 
 
+@torch.library.register_fake("mtlfast::multi_task_loss_recompute")
+def _(h, weight, bias, targets, task_weights, col_weight, col_task, kinds, col_offsets, class_dims, ignore_index,
+      params, task_names, chunk_rows):
+    _check_target_devices(h, targets, kinds, task_names)
+    acc = _acc(h.dtype)
+    n, t = _rows(h), len(kinds)
+    return (h.new_empty((), dtype=acc), h.new_empty(t, dtype=acc), h.new_empty(t, n, 4, dtype=acc),
+            h.new_empty(t, dtype=acc))
+
+
+@torch.library.register_fake("mtlfast::multi_task_loss_recompute_backward")
+def _(grad_total, grad_losses, task_weights, h, weight, bias, targets, col_weight, col_task, row_stats,
+      inverse_denominators, kinds, col_offsets, class_dims, ignore_index, params, task_names, block_columns):
+    grad_bias = h.new_empty(weight.shape[0]) if bias is not None else h.new_empty(0)
+    return torch.empty_like(h, memory_format=torch.contiguous_format), torch.empty_like(weight), grad_bias
+
+
 @torch.library.register_fake("mtlfast::multi_task_loss_backward")
 def _(grad_total, grad_losses, task_weights, grad_logits_output, grad_logits, h, weight, col_task, has_bias):
     grad_bias = h.new_empty(weight.shape[0]) if has_bias else h.new_empty(0)
@@ -96,7 +113,8 @@ if _extension.HAS_C:  # compiled only: without the extension mtlfast.weighting r
 
 # ---------------------------------------------------------------------------------------------------------------
 # Autograd: the forward hands the backward the logit gradient of every task (or, chunked, the per-task input
-# gradients); the backward only applies the per-task coefficients c = dTotal·λ + dL that autograd delivers.
+# gradients); the backward only applies the per-task coefficients c = dTotal·λ + dL that autograd delivers. The
+# recompute path's forward hands over row statistics instead, and its backward recomputes the logits.
 # Inputs: h 0, weight 1, bias 2, targets 3, task_weights 4, then 9 non-tensor / table arguments.
 _NUM_INPUTS = 14
 _TASK_WEIGHTS = 4
@@ -159,8 +177,44 @@ def _backward_chunked(ctx, grad_total, grad_losses, *_unused):
             _task_weights_grad(ctx, task_weights, losses, grad_total), *(None,) * (_NUM_INPUTS - 5))
 
 
+# The recompute path (large heads): the backward recomputes the logits in blocks of head columns from the saved h,
+# weight, bias and targets and the forward's row statistics. A block holds about this many logits (8 MiB in bf16:
+# with the weight's own gradient it keeps a 32k-class head's step near 1/8 of the eager loop's memory), and never
+# more than a forward chunk (chunk_rows rows of the S columns).
+RECOMPUTE_BLOCK_ELEMENTS = 1 << 22
+
+
+def recompute_block_columns(rows: int, columns: int, chunk_rows: int) -> int:
+    """Head columns per block of the recompute path's backward, for N = ``rows`` and S = ``columns``."""
+    return max(1, min(columns, RECOMPUTE_BLOCK_ELEMENTS // max(rows, 1), chunk_rows * columns // max(rows, 1)))
+
+
+def _setup_recompute(ctx, inputs, output):
+    h, weight, bias, targets, task_weights, col_weight, col_task, kinds, *table, chunk_rows = inputs
+    _total, losses, row_stats, inverse_denominators = output
+    _save(ctx, h, weight, bias, col_weight, col_task, row_stats, inverse_denominators, *targets,
+          task_weights=task_weights, losses=losses)
+    ctx.table = (kinds, *table)
+    ctx.num_tasks = len(kinds)
+    ctx.block_columns = recompute_block_columns(_rows(h), weight.shape[0], chunk_rows)
+    ctx.mark_non_differentiable(row_stats, inverse_denominators)
+    ctx.set_materialize_grads(False)
+
+
+def _backward_recompute(ctx, grad_total, grad_losses, *_unused):
+    h, weight, bias, col_weight, col_task, row_stats, inverse_denominators, *rest = ctx.saved_tensors
+    *targets, task_weights, losses = rest
+    grad_h, grad_weight, grad_bias = _ops.multi_task_loss_recompute_backward(
+        grad_total, grad_losses, task_weights, h, weight, bias, targets, col_weight, col_task, row_stats,
+        inverse_denominators, *ctx.table, ctx.block_columns
+    )
+    return (grad_h, grad_weight, grad_bias if bias is not None else None, [None] * ctx.num_tasks,
+            _task_weights_grad(ctx, task_weights, losses, grad_total), *(None,) * (_NUM_INPUTS - 5))
+
+
 torch.library.register_autograd("mtlfast::multi_task_loss", _backward_multi_task_loss, setup_context=_setup_multi_task_loss)
 torch.library.register_autograd("mtlfast::multi_task_loss_chunked", _backward_chunked, setup_context=_setup_chunked)
+torch.library.register_autograd("mtlfast::multi_task_loss_recompute", _backward_recompute, setup_context=_setup_recompute)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -229,6 +283,18 @@ class _MultiTaskLossChunked(torch.autograd.Function):
                 *(None,) * (_NUM_INPUTS - 5))
 
 
+class _MultiTaskLossRecompute(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, *args):
+        output = _below_autograd(_ops.multi_task_loss_recompute, args)
+        _setup_recompute(ctx, args, output)
+        return output
+
+    @staticmethod
+    def backward(ctx, *grads):
+        return _as_function_grads(_backward_recompute(ctx, *grads))
+
+
 def task_spec(kinds, col_offsets, class_dims, ignore_index, params, task_names):
     """The op's per-task list arguments as one ``mtlfast._C.TaskSpec`` for :func:`multi_task_loss_eager`; None
     without the compiled extension. Build it once per task layout (it converts the lists)."""
@@ -270,3 +336,10 @@ def multi_task_loss_chunked(*args):
     if torch.compiler.is_compiling() or not torch.is_grad_enabled():
         return _ops.multi_task_loss_chunked(*args)
     return _MultiTaskLossChunked.apply(*args)
+
+
+def multi_task_loss_recompute(*args):
+    """``torch.ops.mtlfast.multi_task_loss_recompute`` with the eager fast path (same arguments and outputs)."""
+    if torch.compiler.is_compiling() or not torch.is_grad_enabled():
+        return _ops.multi_task_loss_recompute(*args)
+    return _MultiTaskLossRecompute.apply(*args)

@@ -328,7 +328,7 @@ def test_temperature_must_be_positive_and_finite(tau):
 
 
 @pytest.mark.parametrize("tau", [0.0, -2.0, math.inf])
-@pytest.mark.parametrize("op", ["multi_task_loss", "multi_task_loss_chunked"])
+@pytest.mark.parametrize("op", ["multi_task_loss", "multi_task_loss_chunked", "multi_task_loss_recompute"])
 def test_raw_op_rejects_bad_temperature(op, tau):
     """The op's own checks (C++ when built, and the fallback's twins) with the same message."""
     args = op_args(_distill_mix(14))
@@ -339,7 +339,7 @@ def test_raw_op_rejects_bad_temperature(op, tau):
             fn(*op_arg_tuple(args, last))
 
 
-@pytest.mark.parametrize("op", ["multi_task_loss", "multi_task_loss_chunked"])
+@pytest.mark.parametrize("op", ["multi_task_loss", "multi_task_loss_chunked", "multi_task_loss_recompute"])
 def test_raw_op_rejects_integer_target(op):
     args = op_args(_distill_mix(15))
     args["targets"][2] = torch.zeros(9, 3, dtype=torch.int64)

@@ -46,7 +46,7 @@ def test_eager_calls_take_the_entry_point(via, op_spy):
 def test_compiled_and_chunked_calls_do_not(op_spy):
     case = _case(2)
     fused_result(case, via="heads", chunk_rows=3)
-    assert op_spy.names == ["multi_task_loss_chunked"] and op_spy.eager_calls == 0
+    assert op_spy.names == ["multi_task_loss_recompute"] and op_spy.eager_calls == 0
 
 
 def _objective(total, losses, logits):

@@ -317,7 +317,7 @@ def _raw_case():
 
 
 @cpu_kernel_semantics
-@pytest.mark.parametrize("op", ["multi_task_loss", "multi_task_loss_chunked"])
+@pytest.mark.parametrize("op", ["multi_task_loss", "multi_task_loss_chunked", "multi_task_loss_recompute"])
 @pytest.mark.parametrize("bad", [5, -1, 77])
 def test_raw_op_class_index_out_of_range(op, bad):
     args = op_args(_raw_case())
@@ -328,7 +328,7 @@ def test_raw_op_class_index_out_of_range(op, bad):
     assert str(bad) in str(info.value)
 
 
-@pytest.mark.parametrize("op", ["multi_task_loss", "multi_task_loss_chunked"])
+@pytest.mark.parametrize("op", ["multi_task_loss", "multi_task_loss_chunked", "multi_task_loss_recompute"])
 def test_raw_op_float_class_targets(op):
     args = op_args(_raw_case())
     args["targets"][0] = args["targets"][0].double()
@@ -336,7 +336,7 @@ def test_raw_op_float_class_targets(op):
     _raises(TypeError, "'topic'", getattr(ops, op), *op_arg_tuple(args, last))
 
 
-@pytest.mark.parametrize("op", ["multi_task_loss", "multi_task_loss_chunked"])
+@pytest.mark.parametrize("op", ["multi_task_loss", "multi_task_loss_chunked", "multi_task_loss_recompute"])
 @pytest.mark.parametrize(
     "task, shape", [(0, (B + 1,)), (0, (B, 1)), (1, (B, 1)), (2, (B, 2)), (2, (B,)), (3, (B, 1)), (4, (B - 1, 2))],
     ids=str,
@@ -348,7 +348,7 @@ def test_raw_op_target_shape(op, task, shape):
     _raises(ValueError, f"'{args['task_names'][task]}'", getattr(ops, op), *op_arg_tuple(args, last))
 
 
-@pytest.mark.parametrize("op", ["multi_task_loss", "multi_task_loss_chunked"])
+@pytest.mark.parametrize("op", ["multi_task_loss", "multi_task_loss_chunked", "multi_task_loss_recompute"])
 def test_raw_op_dense_target_dtype(op):
     args = op_args(_raw_case())
     args["targets"][3] = args["targets"][3].to(torch.complex128)  # real dtypes are converted; complex is an error
@@ -356,7 +356,7 @@ def test_raw_op_dense_target_dtype(op):
     _raises(TypeError, "'score'", getattr(ops, op), *op_arg_tuple(args, last))
 
 
-@pytest.mark.parametrize("op", ["multi_task_loss", "multi_task_loss_chunked"])
+@pytest.mark.parametrize("op", ["multi_task_loss", "multi_task_loss_chunked", "multi_task_loss_recompute"])
 def test_raw_op_converts_real_targets_to_the_accumulation_dtype(op):
     args = op_args(_raw_case())
     last = False if op == "multi_task_loss" else 2
@@ -368,7 +368,7 @@ def test_raw_op_converts_real_targets_to_the_accumulation_dtype(op):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
 
 
-@pytest.mark.parametrize("op", ["multi_task_loss", "multi_task_loss_chunked"])
+@pytest.mark.parametrize("op", ["multi_task_loss", "multi_task_loss_chunked", "multi_task_loss_recompute"])
 def test_raw_op_list_lengths_disagree(op):
     args = op_args(_raw_case())
     args["params"] = args["params"][:-1]
@@ -376,7 +376,7 @@ def test_raw_op_list_lengths_disagree(op):
     _raises(ValueError, "tasks", getattr(ops, op), *op_arg_tuple(args, last))
 
 
-@pytest.mark.parametrize("op", ["multi_task_loss", "multi_task_loss_chunked"])
+@pytest.mark.parametrize("op", ["multi_task_loss", "multi_task_loss_chunked", "multi_task_loss_recompute"])
 def test_raw_op_empty_batch(op):
     case = _raw_case()
     args = op_args(case)
@@ -386,7 +386,7 @@ def test_raw_op_empty_batch(op):
     _raises(ValueError, "empty", getattr(ops, op), *op_arg_tuple(args, last))
 
 
-@pytest.mark.parametrize("op", ["multi_task_loss", "multi_task_loss_chunked"])
+@pytest.mark.parametrize("op", ["multi_task_loss", "multi_task_loss_chunked", "multi_task_loss_recompute"])
 def test_raw_op_weight_dtype(op):
     args = op_args(_raw_case())
     args["weight"] = args["weight"].float()
@@ -403,12 +403,23 @@ def test_raw_op_nonpositive_chunk_rows(chunk_rows):
 def test_second_backward_through_the_chunked_path_is_refused(monkeypatch):
     # A large head's chunked path rescales its saved weight gradient in place; a second backward must say so,
     # not silently return a doubly-scaled gradient.
+    # (The chunked op serves large heads when the per-task input gradients are asked for.)
     monkeypatch.setattr(mf.ops, "INPLACE_BACKWARD_MIN_ELEMENTS", 0)
     heads = mf.MultiTaskHeads(D, _tasks(), chunk_rows=2)
-    out = heads(torch.randn(B, D), _good_targets())
+    out = heads(torch.randn(B, D), _good_targets(), per_task_input_grads=True)
     out.loss.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="chunk_rows=None"):
         out.loss.backward()
+
+
+def test_second_backward_through_the_recompute_path_works():
+    # The recompute path's backward only reads what the forward saved.
+    heads = mf.MultiTaskHeads(D, _tasks(), chunk_rows=2)
+    out = heads(torch.randn(B, D), _good_targets())
+    out.loss.backward(retain_graph=True)
+    first = heads.packed["default"].weight.grad.clone()
+    out.loss.backward()
+    torch.testing.assert_close(heads.packed["default"].weight.grad, 2 * first)
 
 
 def test_second_backward_through_the_small_head_path_works():

@@ -207,15 +207,20 @@ def _big_head_case(seed=21):
 
 
 @pytest.mark.parametrize("via", VIAS)
-def test_auto_chunks_a_big_head(via, op_spy, monkeypatch):
+@pytest.mark.parametrize("input_grads", [False, True], ids=["recompute", "per_task_input_grads"])
+def test_auto_chunks_a_big_head(via, input_grads, op_spy, monkeypatch):
+    """A big head takes the recompute path, or the chunked op when the per-task input gradients are asked for."""
     monkeypatch.setattr(mtlfast.functional, "CHUNK_ELEMENTS", 1024)
     monkeypatch.setattr(mtlfast.functional, "MIN_CHUNK_ROWS", 1)
     case = _big_head_case()
-    actual = fused_result(case, via=via, chunk_rows="auto")
-    assert op_spy.names == ["multi_task_loss_chunked"]
+    actual = fused_result(case, via=via, chunk_rows="auto", per_task_input_grads=input_grads)
+    assert op_spy.names == ["multi_task_loss_chunked" if input_grads else "multi_task_loss_recompute"]
     chunk_rows = op_spy.calls[0][1][-1]
     assert 1 <= chunk_rows < 40  # really several chunks of the 40 rows
-    assert_results_close(actual, reference_result(case))
+    expected = reference_result(case, input_grads=input_grads)
+    assert_results_close(actual, expected)
+    if input_grads:
+        assert_close(actual.input_grads, expected.input_grads, what="per-task input grads")
 
 
 def test_auto_keeps_small_heads_unchunked(op_spy, monkeypatch):
@@ -241,8 +246,9 @@ def test_chunk_rows_none_never_chunks(op_spy, monkeypatch):
 def test_explicit_chunk_rows_reach_the_op(op_spy):
     case = _big_head_case(23)
     fused_result(case, via="heads", chunk_rows=7)
-    assert op_spy.names == ["multi_task_loss_chunked"]
-    assert op_spy.calls[0][1][-1] == 7
+    fused_result(case, via="heads", chunk_rows=5, per_task_input_grads=True)
+    assert op_spy.names == ["multi_task_loss_recompute", "multi_task_loss_chunked"]
+    assert [args[-1] for _, args in op_spy.calls] == [7, 5]
 
 
 # ---------------------------------------------------------------------------------------------------------------

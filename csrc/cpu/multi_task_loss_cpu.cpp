@@ -86,7 +86,21 @@ struct TaskPass {
   bool uniform_pos_weight = true;          // BCE: the same pos_weight in all its columns
   const int64_t* class_targets = nullptr;  // cross-entropy: (N,)
   const acc_t* dense_targets = nullptr;    // dense kinds: (N, width), row-major
+  // multi_task_loss_recompute: the task's (N, 4) block of row_stats (cross-entropy and distillation tasks), or null.
+  acc_t* row_stats = nullptr;
 };
+
+// The statistics multi_task_loss_recompute saves for row `row` of a task (layout: csrc/registration.cpp).
+template <typename acc_t>
+void store_row_stats(const TaskPass<acc_t>& task, int64_t row, acc_t s0, acc_t s1, acc_t s2, acc_t s3) {
+  if (task.row_stats != nullptr) {
+    acc_t* out = task.row_stats + row * 4;
+    out[0] = s0;
+    out[1] = s1;
+    out[2] = s2;
+    out[3] = s3;
+  }
+}
 
 // Consecutive Binary tasks (one column each: adjacent columns of the logits) go through the loss pass as one
 // (rows, run) block, row by row in place, instead of task by task on gathered columns: at 64 Binary heads that was
@@ -188,6 +202,28 @@ class LossProblem {
   }
 
   const std::vector<TaskPass<acc_t>>& tasks() const { return tasks_; }
+
+  // The loss pass then also writes each cross-entropy / distillation row's statistics into row_stats, (T, N, 4)
+  // contiguous (the rows of other tasks are left as they are).
+  void save_row_stats(at::Tensor& row_stats) {
+    acc_t* base = row_stats.data_ptr<acc_t>();
+    const int64_t rows = row_stats.size(1);
+    for (int64_t t = 0; t < num_tasks(); ++t) {
+      if (tasks_[t].kind == kCrossEntropy || is_distillation(tasks_[t].kind)) {
+        tasks_[t].row_stats = base + t * rows * 4;
+      }
+    }
+  }
+
+  // Per task, 1 / denominator (0 without a valid entry).
+  at::Tensor inverse_denominators(const at::TensorOptions& options) const {
+    at::Tensor out = at::empty({num_tasks()}, options);
+    acc_t* data = out.data_ptr<acc_t>();
+    for (int64_t t = 0; t < num_tasks(); ++t) {
+      data[t] = static_cast<acc_t>(safe_reciprocal(denominators_[t]));
+    }
+    return out;
+  }
   const std::vector<BceColumnRun<acc_t>>& bce_column_runs() const { return bce_column_runs_; }
   int64_t max_bce_run() const { return max_bce_run_; }
   int64_t num_tasks() const { return static_cast<int64_t>(tasks_.size()); }
@@ -287,6 +323,7 @@ double cross_entropy_rows(scalar_t* logits, int64_t row_stride, int64_t rows, in
     const int64_t target = task.class_targets[first_row + i];
     if (target == task.ignore_index) {
       std::fill(z, z + num_classes, scalar_t(0));
+      store_row_stats(task, first_row + i, acc_t(0), acc_t(0), acc_t(0), acc_t(0));
       continue;
     }
     acc_t max_logit = -std::numeric_limits<acc_t>::infinity();
@@ -319,6 +356,7 @@ double cross_entropy_rows(scalar_t* logits, int64_t row_stride, int64_t rows, in
     const CrossEntropyRow<acc_t> row =
         cross_entropy_row(smoothing, class_weights[target], task.sum_class_weights, num_classes);
     loss_sum += cross_entropy_row_loss(row, log_sum_exp, static_cast<acc_t>(z[target]), smoothing_dot_logits);
+    store_row_stats(task, first_row + i, log_sum_exp, row.a, row.B, smoothing_per_class);
 
     // Every class as a non-target first (a branch-free, vectorisable loop), then the target's entry.
     const acc_t inv_sum_exp = acc_t(1) / sum_exp;
@@ -353,6 +391,7 @@ double distillation_rows(scalar_t* logits, int64_t row_stride, int64_t rows, int
     const acc_t* y = task.dense_targets + (first_row + i) * num_classes;
     if (std::any_of(y, y + num_classes, [](acc_t v) { return std::isnan(v); })) {  // missing row
       std::fill(z, z + num_classes, scalar_t(0));
+      store_row_stats(task, first_row + i, acc_t(0), acc_t(0), acc_t(0), acc_t(0));
       continue;
     }
     acc_t student_max = -std::numeric_limits<acc_t>::infinity();
@@ -374,6 +413,8 @@ double distillation_rows(scalar_t* logits, int64_t row_stride, int64_t rows, int
     const DistillationRow<acc_t> row =
         from_logits ? distillation_row(temperature, student_max, student_sum_exp, teacher_max, teacher_sum_exp, acc_t(1))
                     : distillation_row(temperature, student_max, student_sum_exp, acc_t(0), acc_t(1), target_mass);
+    store_row_stats(task, first_row + i, row.student_lse, from_logits ? row.teacher_lse : acc_t(0), row.target_mass,
+                    acc_t(1));
     acc_t row_loss = 0;
     for (int64_t c = 0; c < num_classes; ++c) {
       const LossAndGrad<acc_t> r = distillation_element(row, from_logits, static_cast<acc_t>(z[c]), y[c]);
@@ -536,7 +577,8 @@ double task_rows(scalar_t* logits, int64_t row_stride, int64_t rows, int64_t fir
                  const acc_t* col_weight, bool vector_kernels, LossScratch<acc_t>& scratch) {
   switch (task.kind) {
     case kCrossEntropy:
-      if (vector_kernels && task.width <= kMaxClassMajorClasses) {
+      // The class-major kernel keeps no row statistics: the row path saves them when asked for.
+      if (vector_kernels && task.width <= kMaxClassMajorClasses && task.row_stats == nullptr) {
         return cross_entropy_rows_class_major(logits, row_stride, rows, first_row, task, col_weight, scratch);
       }
       return cross_entropy_rows(logits, row_stride, rows, first_row, task, col_weight, vector_kernels,
@@ -788,6 +830,48 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> multi_tas
   return {weighted_total(losses, prepared.task_weights), losses, grads.input_per_task, grads.weight, grads.bias};
 }
 
+// The forward of the recompute path: per chunk of rows the logits and the loss pass (whose in-place gradient is
+// scratch here), saving the row statistics; no gradient GEMM.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> multi_task_loss_recompute_cpu(
+    const at::Tensor& h_in, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+    at::TensorList targets_in, const at::Tensor& task_weights, const c10::optional<at::Tensor>& col_weight,
+    const at::Tensor& col_task, c10::IntArrayRef kinds, c10::IntArrayRef col_offsets, c10::IntArrayRef class_dims,
+    c10::IntArrayRef ignore_index, c10::ArrayRef<double> params, const std::vector<std::string>& task_names,
+    int64_t chunk_rows) {
+  at::NoGradGuard no_grad;  // as in multi_task_loss_cpu
+  const PreparedInputs prepared = prepare_cpu_inputs(h_in, weight, bias, targets_in, task_weights, col_weight,
+                                                     col_task, kinds, col_offsets, class_dims, ignore_index, params,
+                                                     task_names);
+  const TaskTable& table = prepared.table;
+  const at::Tensor& h = prepared.h;
+  TORCH_CHECK_VALUE(chunk_rows > 0, "mtlfast: chunk_rows must be positive, got ", chunk_rows);
+  const int64_t N = table.rows;
+  const int64_t chunk = std::min(chunk_rows, N);
+  const at::TensorOptions acc_options = h.options().dtype(accumulation_dtype(h.scalar_type()));
+  at::Tensor row_stats = at::zeros({table.num_tasks(), N, 4}, acc_options);
+  at::Tensor logits_buffer = at::empty({chunk, table.columns}, h.options());
+  at::Tensor losses;
+  at::Tensor inverse_denominators;
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, h.scalar_type(),
+                                  "mtlfast::multi_task_loss_recompute (CPU)", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    LossProblem<acc_t> problem(table, prepared.targets, col_weight);
+    problem.save_row_stats(row_stats);
+    std::vector<double> loss_sums(table.num_tasks(), 0.0);
+    for (int64_t first_row = 0; first_row < N; first_row += chunk) {
+      const int64_t rows = std::min(chunk, N - first_row);
+      at::Tensor chunk_logits = logits_buffer.narrow(0, 0, rows);
+      linear_into(chunk_logits, h.narrow(0, first_row, rows), weight, bias);
+      accumulate_loss_and_grad(chunk_logits.data_ptr<scalar_t>(), rows, first_row, problem, loss_sums,
+                               [](int64_t, int64_t) {});
+    }
+    losses = problem.mean_losses(loss_sums, acc_options);
+    inverse_denominators = problem.inverse_denominators(acc_options);
+  });
+  return {weighted_total(losses, prepared.task_weights), losses, row_stats, inverse_denominators};
+}
+
 static_assert(std::is_same_v<decltype(multi_task_loss_cpu), MultiTaskLossKernel>);
 
 }  // namespace
@@ -795,6 +879,7 @@ static_assert(std::is_same_v<decltype(multi_task_loss_cpu), MultiTaskLossKernel>
 TORCH_LIBRARY_IMPL(mtlfast, CPU, m) {
   m.impl("multi_task_loss", &multi_task_loss_cpu);
   m.impl("multi_task_loss_chunked", &multi_task_loss_chunked_cpu);
+  m.impl("multi_task_loss_recompute", &multi_task_loss_recompute_cpu);
 }
 
 }  // namespace mtlfast

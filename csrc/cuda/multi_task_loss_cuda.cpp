@@ -22,6 +22,7 @@
 #include "multi_task_loss_kernels.h"
 #include "mtlfast/loss_math.h"
 #include "mtlfast/op_signatures.h"
+#include "mtlfast/recompute_backward.h"
 #include "mtlfast/task_table.h"
 
 namespace mtlfast {
@@ -54,6 +55,8 @@ struct LossPipeline {
   int32_t denominator_slots;
   at::Tensor loss_parts;  // (T, N)
   at::Tensor losses;      // (T,)
+  at::Tensor row_stats;   // (T, N, kRowStatsWidth) when save_row_stats() was called, else undefined
+  at::Tensor inverse_denominators;  // (T,) likewise
   cudaStream_t stream;
 
   LossPipeline(const TaskTable& table, const at::Tensor& h, at::TensorList targets_in,
@@ -98,6 +101,13 @@ struct LossPipeline {
 
   const void* col_weight_ptr() const { return col_weight.has_value() ? col_weight->const_data_ptr() : nullptr; }
 
+  // multi_task_loss_recompute: the segment pass also saves each softmax row's statistics (zeros for the rows of
+  // other kinds), and finalize the inverse denominators.
+  void save_row_stats() {
+    row_stats = at::zeros({losses.size(0), rows, cuda::kRowStatsWidth}, losses.options());
+    inverse_denominators = at::empty_like(losses);
+  }
+
   // Over the whole batch, before any chunk: each chunk's gradients are scaled by the batch-wide denominators.
   void compute_denominators() {
     for (const cuda::TaskBatch& batch : batches) {
@@ -120,6 +130,8 @@ struct LossPipeline {
     args.denominator_slots = denominator_slots;
     args.loss_parts = loss_parts.mutable_data_ptr();
     args.loss_parts_stride = loss_parts.stride(0);
+    args.row_stats = row_stats.defined() ? row_stats.mutable_data_ptr() : nullptr;
+    args.row_stats_rows = rows;
     for (const cuda::TaskBatch& batch : batches) {
       C10_CUDA_CHECK(cuda::launch_segment_losses(dtype, batch, args, stream));
     }
@@ -129,7 +141,11 @@ struct LossPipeline {
     for (const cuda::TaskBatch& batch : batches) {
       C10_CUDA_CHECK(cuda::launch_finalize_losses(dtype, batch, rows, denominator_parts.const_data_ptr(),
                                                   denominator_slots, loss_parts.const_data_ptr(),
-                                                  loss_parts.stride(0), losses.mutable_data_ptr(), stream));
+                                                  loss_parts.stride(0), losses.mutable_data_ptr(),
+                                                  inverse_denominators.defined()
+                                                      ? inverse_denominators.mutable_data_ptr()
+                                                      : nullptr,
+                                                  stream));
     }
     return losses;
   }
@@ -137,48 +153,6 @@ struct LossPipeline {
 
 at::Tensor head_logits(const at::Tensor& h, const at::Tensor& weight, const c10::optional<at::Tensor>& bias) {
   return bias.has_value() ? at::addmm(*bias, h, weight.t()) : at::mm(h, weight.t());
-}
-
-// out (accumulation dtype) = a @ b, or out += a @ b when accumulate, for a and b in the input dtype. Half inputs
-// accumulate in fp32 inside cuBLAS where torch's out_dtype GEMMs accept an fp32 `self` (torch ≥ 2.10).
-void gemm_to_accumulator(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, bool accumulate) {
-  if (a.scalar_type() == out.scalar_type()) {
-    if (accumulate) {
-      at::addmm_out(out, out, a, b);
-    } else {
-      at::mm_out(out, a, b);
-    }
-    return;
-  }
-#if defined(MTLFAST_CUDA_EMULATION)
-  // CPU tensors (the emulation build): ATen has no out_dtype GEMM on the CPU, so multiply in the accumulation type,
-  // a block of output rows at a time: the temporaries stay small, and the emulated op's allocations (measured by
-  // the CPU benchmarks' memory profile) stay those of the CUDA op plus a few MiB.
-  const at::Tensor b_acc = b.to(out.scalar_type());
-  constexpr int64_t kRowsPerBlock = 1024;
-  for (int64_t begin = 0; begin < out.size(0); begin += kRowsPerBlock) {
-    const int64_t rows = std::min(kRowsPerBlock, out.size(0) - begin);
-    at::Tensor out_rows = out.narrow(0, begin, rows);
-    const at::Tensor a_rows = a.narrow(0, begin, rows).to(out.scalar_type());
-    if (accumulate) {
-      out_rows.addmm_(a_rows, b_acc);
-    } else {
-      at::mm_out(out_rows, a_rows, b_acc);
-    }
-  }
-#elif TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 10)
-  if (accumulate) {
-    at::addmm_out(out, out, a, b, out.scalar_type());
-  } else {
-    at::mm_out(out, a, b, out.scalar_type());
-  }
-#else
-  if (accumulate) {
-    out.add_(at::mm(a, b));
-  } else {
-    out.copy_(at::mm(a, b));
-  }
-#endif
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> multi_task_loss_cuda(
@@ -271,6 +245,87 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> multi_tas
   return {weighted_total(losses, prepared.task_weights), losses, grad_h_per_task, grad_weight, grad_bias};
 }
 
+// The forward of the recompute path: the chunked op's row chunks without any gradient GEMM; the segment pass still
+// writes each chunk's logit gradient over its logits (one pass, as in the other ops; the chunk buffer is scratch).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> multi_task_loss_recompute_cuda(
+    const at::Tensor& h_in, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+    at::TensorList targets_in, const at::Tensor& task_weights, const c10::optional<at::Tensor>& col_weight,
+    const at::Tensor& col_task, c10::IntArrayRef kinds, c10::IntArrayRef col_offsets, c10::IntArrayRef class_dims,
+    c10::IntArrayRef ignore_index, c10::ArrayRef<double> params, const std::vector<std::string>& task_names,
+    int64_t chunk_rows) {
+  const c10::cuda::CUDAGuard guard(h_in.device());
+  const PreparedInputs prepared = prepare_multi_task_inputs(h_in, weight, bias, targets_in, task_weights, col_weight,
+                                                            col_task, kinds, col_offsets, class_dims, ignore_index,
+                                                            params, task_names);
+  TORCH_CHECK_VALUE(chunk_rows > 0, "mtlfast: chunk_rows must be positive, got ", chunk_rows);
+  const TaskTable& table = prepared.table;
+  const at::Tensor& h = prepared.h;
+  LossPipeline pipeline(table, h, prepared.targets, col_weight);
+  pipeline.save_row_stats();
+
+  const int64_t N = table.rows;
+  const int64_t S = table.columns;
+  const int64_t chunk = std::min(N, (chunk_rows + cuda::kRowAlignment - 1) / cuda::kRowAlignment * cuda::kRowAlignment);
+  const int64_t row_align = 16 / h.element_size();
+  const int64_t ld = (S + row_align - 1) / row_align * row_align;
+  at::Tensor logits_buffer = at::empty({chunk, ld}, h.options());
+  pipeline.compute_denominators();
+  for (int64_t begin = 0; begin < N; begin += chunk) {
+    const int64_t rows = std::min(chunk, N - begin);
+    at::Tensor z = logits_buffer.narrow(0, 0, rows).narrow(1, 0, S);
+    const at::Tensor h_chunk = h.narrow(0, begin, rows);
+    if (bias.has_value()) {
+      at::addmm_out(z, *bias, h_chunk, weight.t());
+    } else {
+      at::mm_out(z, h_chunk, weight.t());
+    }
+    pipeline.segment_losses(z, z, begin);
+  }
+  const at::Tensor losses = pipeline.finalize();
+  return {weighted_total(losses, prepared.task_weights), losses, pipeline.row_stats, pipeline.inverse_denominators};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> multi_task_loss_recompute_backward_cuda(
+    const c10::optional<at::Tensor>& grad_total, const c10::optional<at::Tensor>& grad_losses,
+    const at::Tensor& task_weights, const at::Tensor& h_in, const at::Tensor& weight,
+    const c10::optional<at::Tensor>& bias, at::TensorList targets_in, const c10::optional<at::Tensor>& col_weight,
+    const at::Tensor& col_task, const at::Tensor& row_stats, const at::Tensor& inverse_denominators,
+    c10::IntArrayRef kinds, c10::IntArrayRef col_offsets, c10::IntArrayRef class_dims, c10::IntArrayRef ignore_index,
+    c10::ArrayRef<double> params, const std::vector<std::string>& task_names, int64_t block_columns) {
+  const c10::cuda::CUDAGuard guard(h_in.device());
+  const PreparedInputs prepared = prepare_multi_task_inputs(h_in, weight, bias, targets_in, task_weights, col_weight,
+                                                            col_task, kinds, col_offsets, class_dims, ignore_index,
+                                                            params, task_names);
+  const TaskTable& table = prepared.table;
+  const at::Tensor& h = prepared.h;
+  const at::ScalarType acc_dtype = accumulation_dtype(h.scalar_type());
+  check_recompute_state(table, row_stats, inverse_denominators, h, acc_dtype);
+  LossPipeline pipeline(table, h, prepared.targets, col_weight);
+  const at::Tensor scales =
+      (task_coefficients(grad_total, grad_losses, task_weights, acc_dtype) * inverse_denominators).contiguous();
+  const at::Tensor stats = row_stats.contiguous();
+
+  const auto block_gradient = [&](at::Tensor& block, int64_t col_begin) {
+    cuda::GradientArgs args;
+    args.block = block.mutable_data_ptr();
+    args.rows = block.size(0);
+    args.ld = block.stride(0);
+    args.col_begin = col_begin;
+    args.cols = block.size(1);
+    args.col_weight = pipeline.col_weight_ptr();
+    args.row_stats = stats.const_data_ptr();
+    args.scales = scales.const_data_ptr();
+    for (const cuda::TaskBatch& batch : pipeline.batches) {
+      const cuda::TaskMeta& last = batch.task[batch.count - 1];
+      if (batch.task[0].col_offset < col_begin + args.cols && last.col_offset + last.width > col_begin) {
+        C10_CUDA_CHECK(cuda::launch_gradient_from_stats(pipeline.dtype, batch, args, pipeline.stream));
+      }
+    }
+  };
+  auto [grad_h, grad_weight, grad_bias] = recompute_backward(h, weight, bias, block_columns, block_gradient);
+  return {grad_h.view(h_in.sizes()), grad_weight, grad_bias};
+}
+
 static_assert(std::is_same_v<decltype(multi_task_loss_cuda), MultiTaskLossKernel>);
 
 }  // namespace
@@ -278,6 +333,8 @@ static_assert(std::is_same_v<decltype(multi_task_loss_cuda), MultiTaskLossKernel
 TORCH_LIBRARY_IMPL(mtlfast, MTLFAST_CUDA_DISPATCH_KEY, m) {
   m.impl("multi_task_loss", &multi_task_loss_cuda);
   m.impl("multi_task_loss_chunked", &multi_task_loss_chunked_cuda);
+  m.impl("multi_task_loss_recompute", &multi_task_loss_recompute_cuda);
+  m.impl("multi_task_loss_recompute_backward", &multi_task_loss_recompute_backward_cuda);
 }
 
 }  // namespace mtlfast

@@ -40,6 +40,7 @@ constexpr int kDenominatorWarps = kDenominatorThreads / kWarpSize;
 // A finalize block sums up to N partials (one per row for wide tasks): enough threads for few loads each.
 constexpr int kFinalizeThreads = 1024;
 constexpr int kFinalizeWarps = kFinalizeThreads / kWarpSize;
+constexpr int kGradientThreads = 256;
 constexpr int64_t kMinRowsPerDenominatorSlot = 128;
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -343,6 +344,33 @@ __device__ __forceinline__ DistillationStats<acc_t> shfl_xor(const DistillationS
           __shfl_xor_sync(kFullMask, s.target_mass, offset), __shfl_xor_sync(kFullMask, s.missing, offset)};
 }
 
+// The saved statistics of one row (multi_task_loss_recompute): written by one thread per row, when asked for.
+template <typename acc_t>
+__device__ __forceinline__ void store_row_stats(const SegmentArgs& args, const TaskMeta& task, int64_t row, acc_t s0,
+                                                acc_t s1, acc_t s2, acc_t s3) {
+  if (args.row_stats == nullptr) {
+    return;
+  }
+  acc_t* out = static_cast<acc_t*>(args.row_stats) + (int64_t(task.index) * args.row_stats_rows + row) * kRowStatsWidth;
+  out[0] = s0;
+  out[1] = s1;
+  out[2] = s2;
+  out[3] = s3;
+}
+
+template <typename acc_t>
+__device__ __forceinline__ void store_cross_entropy_stats(const SegmentArgs& args, const TaskMeta& task, int64_t row,
+                                                          const CrossEntropyTerms<acc_t>& terms,
+                                                          const SoftmaxStats<acc_t>& stats) {
+  store_row_stats(args, task, row, stats.max + ::log(stats.sum_exp), terms.row.a, terms.row.B, terms.smoothing_scale);
+}
+
+template <typename acc_t>
+__device__ __forceinline__ void store_distillation_stats(const SegmentArgs& args, const TaskMeta& task, int64_t row,
+                                                         const DistillationRow<acc_t>& r, bool from_logits) {
+  store_row_stats(args, task, row, r.student_lse, from_logits ? r.teacher_lse : acc_t(0), r.target_mass, acc_t(1));
+}
+
 // ---------------------------------------------------------------------------------------------------------------
 // Narrow segments: `lanes` lanes per row, 32 / lanes rows per warp
 
@@ -409,11 +437,17 @@ __device__ __forceinline__ typename ScalarTraits<scalar_t>::acc_t cross_entropy_
     for (int c = r.lane_in_row; c < task.width; c += r.lanes) {
       r.grad[c] = T::from_acc(acc_t(0));
     }
+    if (r.lane_in_row == 0) {
+      store_row_stats(args, task, r.row, acc_t(0), acc_t(0), acc_t(0), acc_t(0));
+    }
     return r.lane_in_row == 0 ? invalid_target_loss<acc_t>(ignored) : acc_t(0);
   }
 
   // Pass 2: gradients over the (cache-hot) logits.
   const CrossEntropyTerms<acc_t> terms = cross_entropy_terms(stats, class_weight, y, smoothing, task.width);
+  if (r.lane_in_row == 0) {
+    store_cross_entropy_stats(args, task, r.row, terms, stats);
+  }
   for (int c = r.lane_in_row; c < task.width; c += r.lanes) {
     r.grad[c] = T::from_acc(cross_entropy_element_grad(terms, stats, T::to_acc(r.logits[c]), c == y,
                                                        smoothing_class_weight(class_weight, c, smoothing),
@@ -424,7 +458,7 @@ __device__ __forceinline__ typename ScalarTraits<scalar_t>::acc_t cross_entropy_
 
 template <typename scalar_t>
 __device__ __forceinline__ typename ScalarTraits<scalar_t>::acc_t distillation_segment_warp(
-    const TaskMeta& task, const WarpRow<scalar_t>& r) {
+    const TaskMeta& task, const SegmentArgs& args, const WarpRow<scalar_t>& r) {
   using T = ScalarTraits<scalar_t>;
   using acc_t = typename T::acc_t;
   const bool from_logits = distillation_targets_are_logits(task.kind);
@@ -447,11 +481,17 @@ __device__ __forceinline__ typename ScalarTraits<scalar_t>::acc_t distillation_s
     for (int c = r.lane_in_row; c < task.width; c += r.lanes) {
       r.grad[c] = T::from_acc(acc_t(0));
     }
+    if (r.lane_in_row == 0) {
+      store_row_stats(args, task, r.row, acc_t(0), acc_t(0), acc_t(0), acc_t(0));
+    }
     return acc_t(0);
   }
 
   // Pass 2: loss and gradient per class (each lane over the columns it read).
   const DistillationRow<acc_t> row = stats.row(temperature, from_logits);
+  if (r.lane_in_row == 0) {
+    store_distillation_stats(args, task, r.row, row, from_logits);
+  }
   acc_t loss = acc_t(0);
   for (int c = r.lane_in_row; c < task.width; c += r.lanes) {
     const LossAndGrad<acc_t> e = distillation_element(row, from_logits, T::to_acc(r.logits[c]), y[c]);
@@ -516,7 +556,7 @@ __global__ void __launch_bounds__(kWarpKernelThreads, kWarpKernelMinBlocks)
       break;
     case kDistill:
     case kDistillProbs:
-      loss = distillation_segment_warp(task, r);
+      loss = distillation_segment_warp(task, args, r);
       break;
     default:  // kNone: absent from the batch, zero gradient
       if (r.active) {
@@ -625,6 +665,9 @@ __device__ __forceinline__ typename ScalarTraits<scalar_t>::acc_t cross_entropy_
   const bool ignored = y == task.ignore_index;
   if (ignored || y < 0 || y >= task.width) {  // uniform over the block
     zero_segment(grad, task.width);
+    if (threadIdx.x == 0) {
+      store_row_stats(args, task, row, acc_t(0), acc_t(0), acc_t(0), acc_t(0));
+    }
     return invalid_target_loss<acc_t>(ignored);
   }
   const acc_t* class_weight =
@@ -639,6 +682,9 @@ __device__ __forceinline__ typename ScalarTraits<scalar_t>::acc_t cross_entropy_
   stats = block_all_reduce<kRowKernelWarps>(stats, CombineStats{}, scratch);
 
   const CrossEntropyTerms<acc_t> terms = cross_entropy_terms(stats, class_weight, y, smoothing, task.width);
+  if (threadIdx.x == 0) {
+    store_cross_entropy_stats(args, task, row, terms, stats);
+  }
   for_each_in_segment<true, true>(logits, grad, task.width, [&](int64_t c, acc_t z) {
     return cross_entropy_element_grad(terms, stats, z, c == y, smoothing_class_weight(class_weight, c, smoothing),
                                       inv_denominator);
@@ -650,7 +696,7 @@ __device__ __forceinline__ typename ScalarTraits<scalar_t>::acc_t cross_entropy_
 // two distributions made ptxas spill in this kernel (sm_90), and the loads stay coalesced (the targets' too).
 template <typename scalar_t>
 __device__ __forceinline__ typename ScalarTraits<scalar_t>::acc_t distillation_segment_block(
-    const TaskMeta& task, int64_t row, const scalar_t* logits, scalar_t* grad,
+    const TaskMeta& task, const SegmentArgs& args, int64_t row, const scalar_t* logits, scalar_t* grad,
     typename ScalarTraits<scalar_t>::acc_t inv_denominator) {
   using T = ScalarTraits<scalar_t>;
   using acc_t = typename T::acc_t;
@@ -668,10 +714,16 @@ __device__ __forceinline__ typename ScalarTraits<scalar_t>::acc_t distillation_s
   stats = block_all_reduce<kRowKernelWarps>(stats, CombineDistillationStats{}, stats_scratch);
   if (stats.missing) {  // uniform over the block
     zero_segment(grad, task.width);
+    if (threadIdx.x == 0) {
+      store_row_stats(args, task, row, acc_t(0), acc_t(0), acc_t(0), acc_t(0));
+    }
     return acc_t(0);
   }
 
   const DistillationRow<acc_t> terms = stats.row(temperature, from_logits);
+  if (threadIdx.x == 0) {
+    store_distillation_stats(args, task, row, terms, from_logits);
+  }
   acc_t loss = acc_t(0);
   for (int64_t c = threadIdx.x; c < task.width; c += blockDim.x) {
     const LossAndGrad<acc_t> e = distillation_element(terms, from_logits, T::to_acc(logits[c]), y[c]);
@@ -713,7 +765,7 @@ __global__ void __launch_bounds__(kRowKernelThreads)
       break;
     case kDistill:
     case kDistillProbs:
-      loss = distillation_segment_block(task, row, logits, grad, inv_denominator);
+      loss = distillation_segment_block(task, args, row, logits, grad, inv_denominator);
       break;
     default:  // kNone
       zero_segment(grad, task.width);
@@ -785,7 +837,8 @@ __global__ void __launch_bounds__(kDenominatorThreads)
 template <typename acc_t>
 __global__ void __launch_bounds__(kFinalizeThreads)
     finalize_kernel(const __grid_constant__ TaskBatch batch, int64_t rows, const acc_t* denominator_parts,
-                    int32_t denominator_slots, const acc_t* loss_parts, int64_t loss_parts_stride, acc_t* losses) {
+                    int32_t denominator_slots, const acc_t* loss_parts, int64_t loss_parts_stride, acc_t* losses,
+                    acc_t* inverse_denominators) {
   __shared__ acc_t scratch[kFinalizeWarps];
   const TaskMeta& task = batch.task[blockIdx.x];
   const int rows_per_part = rows_per_loss_part(task.width);
@@ -799,6 +852,135 @@ __global__ void __launch_bounds__(kFinalizeThreads)
   const acc_t inv_denominator = inverse_denominator<acc_t>(denominator_parts, denominator_slots, task.index);
   if (threadIdx.x == 0) {
     losses[task.index] = sum * inv_denominator;
+    if (inverse_denominators != nullptr) {
+      inverse_denominators[task.index] = inv_denominator;
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Logit gradients from saved row statistics (multi_task_loss_recompute's backward): a block per row; the tasks of
+// the batch that meet the block's columns in turn, each over its columns there. Per element only, so the values do
+// not depend on where the column blocks start.
+
+template <int64_t kKind, typename scalar_t>
+__device__ __forceinline__ void dense_gradient(const TaskMeta& task, const GradientArgs& args, int64_t row,
+                                               int64_t first_class, int64_t n, scalar_t* z,
+                                               typename ScalarTraits<scalar_t>::acc_t scale) {
+  using T = ScalarTraits<scalar_t>;
+  using acc_t = typename T::acc_t;
+  const acc_t* y = static_cast<const acc_t*>(task.target) + row * task.width + first_class;
+  const acc_t* pos_weight = args.col_weight != nullptr
+                                ? static_cast<const acc_t*>(args.col_weight) + task.col_offset + first_class
+                                : nullptr;
+  const acc_t task_param = acc_t(task.param);
+  for (int64_t c = threadIdx.x; c < n; c += blockDim.x) {
+    acc_t grad;
+    dense_element<kKind>(T::to_acc(z[c]), y[c], dense_param<kKind>(pos_weight, c, task_param), scale, &grad);
+    z[c] = T::from_acc(grad);
+  }
+}
+
+template <typename scalar_t>
+__device__ __forceinline__ void cross_entropy_gradient(const TaskMeta& task, const GradientArgs& args, int64_t row,
+                                                       int64_t first_class, int64_t n, scalar_t* z,
+                                                       typename ScalarTraits<scalar_t>::acc_t scale) {
+  using T = ScalarTraits<scalar_t>;
+  using acc_t = typename T::acc_t;
+  const acc_t* s = static_cast<const acc_t*>(args.row_stats) + (int64_t(task.index) * args.rows + row) * kRowStatsWidth;
+  const acc_t log_sum_exp = s[0];
+  const CrossEntropyRow<acc_t> terms{s[1], s[2]};
+  const acc_t smoothing_scale = s[3];
+  // An ignored row (or one whose class index is out of range) was saved as zeros: every gradient term is then 0,
+  // as for a row whose target class weighs 0 without smoothing, so it needs no test of its own here.
+  const int64_t y = static_cast<const int64_t*>(task.target)[row];
+  const acc_t smoothing = acc_t(task.param);
+  const acc_t* class_weight = args.col_weight != nullptr
+                                  ? static_cast<const acc_t*>(args.col_weight) + task.col_offset
+                                  : nullptr;
+  const bool zero_row = terms.a == acc_t(0) && terms.B == acc_t(0) && smoothing_scale == acc_t(0);
+  for (int64_t c = threadIdx.x; c < n; c += blockDim.x) {
+    const int64_t k = first_class + c;
+    acc_t grad = acc_t(0);
+    if (!zero_row) {
+      const acc_t prob = ::exp(T::to_acc(z[c]) - log_sum_exp);
+      grad = cross_entropy_grad(terms, prob, k == y, smoothing_scale * smoothing_class_weight(class_weight, k, smoothing)) *
+             scale;
+    }
+    z[c] = T::from_acc(grad);
+  }
+}
+
+template <typename scalar_t>
+__device__ __forceinline__ void distillation_gradient(const TaskMeta& task, const GradientArgs& args, int64_t row,
+                                                      int64_t first_class, int64_t n, scalar_t* z,
+                                                      typename ScalarTraits<scalar_t>::acc_t scale) {
+  using T = ScalarTraits<scalar_t>;
+  using acc_t = typename T::acc_t;
+  const acc_t* s = static_cast<const acc_t*>(args.row_stats) + (int64_t(task.index) * args.rows + row) * kRowStatsWidth;
+  const bool valid = s[3] != acc_t(0);  // a missing row (a NaN target entry) was saved as zeros
+  const bool from_logits = distillation_targets_are_logits(task.kind);
+  const acc_t temperature = acc_t(task.param);
+  DistillationRow<acc_t> terms;
+  terms.temperature = temperature;
+  terms.inv_temperature = acc_t(1) / temperature;
+  terms.student_lse = s[0];
+  terms.teacher_lse = s[1];
+  terms.target_mass = s[2];
+  const acc_t* y = static_cast<const acc_t*>(task.target) + row * task.width + first_class;
+  for (int64_t c = threadIdx.x; c < n; c += blockDim.x) {
+    const acc_t grad = valid ? distillation_element(terms, from_logits, T::to_acc(z[c]), y[c]).grad * scale : acc_t(0);
+    z[c] = T::from_acc(grad);
+  }
+}
+
+template <typename scalar_t>
+__global__ void __launch_bounds__(kGradientThreads)
+    gradient_from_stats_kernel(const __grid_constant__ TaskBatch batch, const __grid_constant__ GradientArgs args) {
+  using T = ScalarTraits<scalar_t>;
+  using acc_t = typename T::acc_t;
+  const int64_t row = blockIdx.x;
+  scalar_t* block_row = static_cast<scalar_t*>(args.block) + row * args.ld;
+  const acc_t* scales = static_cast<const acc_t*>(args.scales);
+  const int64_t block_end = args.col_begin + args.cols;
+  for (int k = 0; k < batch.count; ++k) {  // uniform over the block
+    const TaskMeta& task = batch.task[k];
+    const int64_t begin = task.col_offset > args.col_begin ? task.col_offset : args.col_begin;
+    const int64_t task_end = task.col_offset + task.width;
+    const int64_t end = task_end < block_end ? task_end : block_end;
+    if (begin >= end) {
+      continue;
+    }
+    scalar_t* z = block_row + (begin - args.col_begin);
+    const int64_t first_class = begin - task.col_offset;
+    const int64_t n = end - begin;
+    const acc_t scale = scales[task.index];
+    switch (task.kind) {
+      case kCrossEntropy:
+        cross_entropy_gradient(task, args, row, first_class, n, z, scale);
+        break;
+      case kBCE:
+        dense_gradient<kBCE>(task, args, row, first_class, n, z, scale);
+        break;
+      case kMSE:
+        dense_gradient<kMSE>(task, args, row, first_class, n, z, scale);
+        break;
+      case kL1:
+        dense_gradient<kL1>(task, args, row, first_class, n, z, scale);
+        break;
+      case kHuber:
+        dense_gradient<kHuber>(task, args, row, first_class, n, z, scale);
+        break;
+      case kDistill:
+      case kDistillProbs:
+        distillation_gradient(task, args, row, first_class, n, z, scale);
+        break;
+      default:  // kNone
+        for (int64_t c = threadIdx.x; c < n; c += blockDim.x) {
+          z[c] = T::from_acc(acc_t(0));
+        }
+        break;
+    }
   }
 }
 
@@ -891,19 +1073,34 @@ cudaError_t launch_segment_losses(InputDType dtype, const TaskBatch& batch, cons
 
 cudaError_t launch_finalize_losses(InputDType dtype, const TaskBatch& batch, int64_t rows,
                                    const void* denominator_parts, int32_t slots, const void* loss_parts,
-                                   int64_t loss_parts_stride, void* losses, cudaStream_t stream) {
+                                   int64_t loss_parts_stride, void* losses, void* inverse_denominators,
+                                   cudaStream_t stream) {
   if (!valid_batch(batch) || rows <= 0) {
     return cudaErrorInvalidValue;
   }
   if (dtype == InputDType::kDouble) {
     finalize_kernel<double><<<batch.count, kFinalizeThreads, 0, stream>>>(
         batch, rows, static_cast<const double*>(denominator_parts), slots, static_cast<const double*>(loss_parts),
-        loss_parts_stride, static_cast<double*>(losses));
+        loss_parts_stride, static_cast<double*>(losses), static_cast<double*>(inverse_denominators));
   } else {
     finalize_kernel<float><<<batch.count, kFinalizeThreads, 0, stream>>>(
         batch, rows, static_cast<const float*>(denominator_parts), slots, static_cast<const float*>(loss_parts),
-        loss_parts_stride, static_cast<float*>(losses));
+        loss_parts_stride, static_cast<float*>(losses), static_cast<float*>(inverse_denominators));
   }
+  return cudaGetLastError();
+}
+
+cudaError_t launch_gradient_from_stats(InputDType dtype, const TaskBatch& batch, const GradientArgs& args,
+                                       cudaStream_t stream) {
+  if (!valid_batch(batch) || args.rows <= 0 || args.rows > INT_MAX || args.cols <= 0 || args.ld < args.cols ||
+      args.row_stats == nullptr || args.scales == nullptr) {
+    return cudaErrorInvalidValue;
+  }
+  dispatch_input_dtype(dtype, [&](auto tag) {
+    using scalar_t = decltype(tag);
+    gradient_from_stats_kernel<scalar_t><<<static_cast<unsigned>(args.rows), kGradientThreads, 0, stream>>>(batch,
+                                                                                                          args);
+  });
   return cudaGetLastError();
 }
 

@@ -10,6 +10,8 @@
 //                               written over the logits (scaled by 1/denominator) -> loss partials (T, N)
 //                               (called once per row chunk by the chunked op)
 //   3. launch_finalize_losses   per task: Σ loss partials in a fixed order × 1/denominator -> losses (T,)
+// multi_task_loss_recompute's backward, per block of head columns of the recomputed logits:
+//   4. launch_gradient_from_stats  dz from the row statistics step 2 saved, × c_t / denominator_t, in place
 // Every reduction runs in a fixed order (no float atomics): the same inputs give bitwise the same outputs.
 #pragma once
 
@@ -63,6 +65,27 @@ struct SegmentArgs {
   int32_t denominator_slots;      // slots in use per task
   void* loss_parts;               // (T, loss_parts_stride) accumulation type, written at slots of global rows
   int64_t loss_parts_stride;      // ≥ N
+  void* row_stats;                // null, or (T, row_stats_rows, kRowStatsWidth) accumulation type: the softmax
+                                  // statistics of every cross-entropy / distillation row (layout: the
+                                  // multi_task_loss_recompute schema, csrc/registration.cpp); others left untouched
+  int64_t row_stats_rows;         // N
+};
+
+// Per (task, row) values of SegmentArgs::row_stats.
+constexpr int kRowStatsWidth = 4;
+
+// One block of head columns for launch_gradient_from_stats: the logits of columns [col_begin, col_begin + cols) of
+// every row, overwritten with the logit gradient dz = (per-element gradient from the saved row statistics) × scale
+// of the column's task. Columns of tasks outside the launch's batch are left untouched.
+struct GradientArgs {
+  void* block;            // (rows, ld) input dtype, row-major; column 0 is head column col_begin
+  int64_t rows;           // N
+  int64_t ld;             // ≥ cols
+  int64_t col_begin;
+  int64_t cols;
+  const void* col_weight; // (S,) accumulation type or null
+  const void* row_stats;  // (T, rows, kRowStatsWidth) accumulation type, from launch_segment_losses
+  const void* scales;     // (T,) accumulation type: c_t / denominator_t
 };
 
 // The denominator row slots for a batch of `rows` rows (depends on the shape only, so results are reproducible).
@@ -75,10 +98,16 @@ cudaError_t launch_segment_losses(InputDType dtype, const TaskBatch& batch, cons
                                   cudaStream_t stream);
 
 // losses[index] = Σ loss partials of the task over all N rows × 1/denominator (NaN when a class index was out of
-// range, 0 for a task with no valid entry).
+// range, 0 for a task with no valid entry); inverse_denominators[index] = that 1/denominator, when not null.
 cudaError_t launch_finalize_losses(InputDType dtype, const TaskBatch& batch, int64_t rows,
                                    const void* denominator_parts, int32_t denominator_slots, const void* loss_parts,
-                                   int64_t loss_parts_stride, void* losses, cudaStream_t stream);
+                                   int64_t loss_parts_stride, void* losses, void* inverse_denominators,
+                                   cudaStream_t stream);
+
+// The backward of multi_task_loss_recompute for one block of head columns (a block per row, the tasks of the batch
+// that meet the block's columns in turn): no reduction, so any block boundaries give the same values.
+cudaError_t launch_gradient_from_stats(InputDType dtype, const TaskBatch& batch, const GradientArgs& args,
+                                       cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace mtlfast

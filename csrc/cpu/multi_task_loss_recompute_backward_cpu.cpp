@@ -1,0 +1,153 @@
+// CPU kernel of multi_task_loss_recompute_backward (schema: csrc/registration.cpp). The block loop and its GEMMs are
+// shared with CUDA (csrc/recompute_backward.cpp); this file supplies the CPU step that turns a block of recomputed
+// logits into their gradient, from the row statistics the forward saved and loss_math.h's per-element formulas.
+#include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <tuple>
+#include <vector>
+
+#include "mtlfast/loss_math.h"
+#include "mtlfast/recompute_backward.h"
+#include "mtlfast/task_table.h"
+
+namespace mtlfast {
+namespace {
+
+// One task's columns [first_class, first_class + n) of one row, z pointing at the first of them; scale = c_t /
+// denominator_t; stats = the row's saved statistics.
+template <typename scalar_t, typename acc_t>
+void cross_entropy_gradient(scalar_t* z, int64_t n, int64_t first_class, int64_t target, const acc_t* stats,
+                            const acc_t* class_weights, acc_t scale) {
+  const CrossEntropyRow<acc_t> row{stats[1], stats[2]};
+  const acc_t smoothing_scale = stats[3];
+  if (row.a == acc_t(0) && row.B == acc_t(0) && smoothing_scale == acc_t(0)) {  // ignored row: all terms vanish
+    std::fill(z, z + n, scalar_t(0));
+    return;
+  }
+  const acc_t log_sum_exp = stats[0];
+  for (int64_t c = 0; c < n; ++c) {
+    const int64_t k = first_class + c;
+    const acc_t w = class_weights != nullptr ? class_weights[k] : acc_t(1);
+    const acc_t prob = std::exp(static_cast<acc_t>(z[c]) - log_sum_exp);
+    z[c] = static_cast<scalar_t>(scale * cross_entropy_grad(row, prob, k == target, smoothing_scale * w));
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+void distillation_gradient(scalar_t* z, int64_t n, const acc_t* y, const acc_t* stats, acc_t temperature,
+                           bool from_logits, acc_t scale) {
+  if (stats[3] == acc_t(0)) {  // missing row
+    std::fill(z, z + n, scalar_t(0));
+    return;
+  }
+  DistillationRow<acc_t> row;
+  row.temperature = temperature;
+  row.inv_temperature = acc_t(1) / temperature;
+  row.student_lse = stats[0];
+  row.teacher_lse = stats[1];
+  row.target_mass = stats[2];
+  for (int64_t c = 0; c < n; ++c) {
+    z[c] = static_cast<scalar_t>(scale * distillation_element(row, from_logits, static_cast<acc_t>(z[c]), y[c]).grad);
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+void dense_gradient(scalar_t* z, int64_t n, int64_t kind, const acc_t* y, const acc_t* pos_weight, acc_t param,
+                    acc_t scale) {
+  for (int64_t c = 0; c < n; ++c) {
+    const acc_t p = kind == kBCE ? (pos_weight != nullptr ? pos_weight[c] : acc_t(1)) : param;
+    z[c] = std::isnan(y[c])
+               ? scalar_t(0)
+               : static_cast<scalar_t>(scale * elementwise_loss<acc_t>(kind, static_cast<acc_t>(z[c]), y[c], p).grad);
+  }
+}
+
+// The gradient of block (N, cols) = logits of head columns [col_begin, col_begin + cols), rows in parallel.
+template <typename scalar_t>
+void gradient_from_stats(at::Tensor& block, int64_t col_begin, const TaskTable& table,
+                         const std::vector<at::Tensor>& targets, const c10::optional<at::Tensor>& col_weight,
+                         const at::Tensor& row_stats, const at::Tensor& scales) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t N = block.size(0);
+  const int64_t ld = block.stride(0);
+  const int64_t col_end = col_begin + block.size(1);
+  scalar_t* data = block.data_ptr<scalar_t>();
+  const acc_t* stats = row_stats.const_data_ptr<acc_t>();
+  const acc_t* scale = scales.const_data_ptr<acc_t>();
+  const acc_t* weights = col_weight.has_value() ? col_weight->const_data_ptr<acc_t>() : nullptr;
+  at::parallel_for(0, N, 16, [&](int64_t row_begin, int64_t row_end) {
+    for (int64_t t = 0; t < table.num_tasks(); ++t) {
+      const int64_t begin = std::max(table.col_offsets[t], col_begin);
+      const int64_t end = std::min(table.col_offsets[t + 1], col_end);
+      if (begin >= end) {
+        continue;
+      }
+      const int64_t kind = table.kinds[t];
+      const int64_t width = table.width(t);
+      const int64_t first_class = begin - table.col_offsets[t];
+      const int64_t n = end - begin;
+      const acc_t param = static_cast<acc_t>(table.params[t]);
+      const acc_t* task_weights = weights != nullptr ? weights + table.col_offsets[t] : nullptr;
+      for (int64_t i = row_begin; i < row_end; ++i) {
+        scalar_t* z = data + i * ld + (begin - col_begin);
+        const acc_t* row_stats_i = stats + (t * N + i) * 4;
+        if (kind == kNone) {
+          std::fill(z, z + n, scalar_t(0));
+        } else if (kind == kCrossEntropy) {
+          cross_entropy_gradient(z, n, first_class, targets[t].const_data_ptr<int64_t>()[i], row_stats_i,
+                                 task_weights, scale[t]);
+        } else if (is_distillation(kind)) {
+          const acc_t* y = targets[t].const_data_ptr<acc_t>() + i * width + first_class;
+          distillation_gradient(z, n, y, row_stats_i, param, distillation_targets_are_logits(kind), scale[t]);
+        } else {
+          const acc_t* y = targets[t].const_data_ptr<acc_t>() + i * width + first_class;
+          dense_gradient(z, n, kind, y, task_weights != nullptr ? task_weights + first_class : nullptr, param,
+                         scale[t]);
+        }
+      }
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> multi_task_loss_recompute_backward_cpu(
+    const c10::optional<at::Tensor>& grad_total, const c10::optional<at::Tensor>& grad_losses,
+    const at::Tensor& task_weights, const at::Tensor& h_in, const at::Tensor& weight,
+    const c10::optional<at::Tensor>& bias, at::TensorList targets_in, const c10::optional<at::Tensor>& col_weight,
+    const at::Tensor& col_task, const at::Tensor& row_stats, const at::Tensor& inverse_denominators,
+    c10::IntArrayRef kinds, c10::IntArrayRef col_offsets, c10::IntArrayRef class_dims, c10::IntArrayRef ignore_index,
+    c10::ArrayRef<double> params, const std::vector<std::string>& task_names, int64_t block_columns) {
+  at::NoGradGuard no_grad;
+  const PreparedInputs prepared = prepare_multi_task_inputs(h_in, weight, bias, targets_in, task_weights, col_weight,
+                                                            col_task, kinds, col_offsets, class_dims, ignore_index,
+                                                            params, task_names);
+  const TaskTable& table = prepared.table;
+  const at::Tensor& h = prepared.h;
+  const at::ScalarType acc_dtype = accumulation_dtype(h.scalar_type());
+  check_recompute_state(table, row_stats, inverse_denominators, h, acc_dtype);
+  const at::Tensor scales =
+      (task_coefficients(grad_total, grad_losses, task_weights, acc_dtype) * inverse_denominators).contiguous();
+  const at::Tensor stats = row_stats.contiguous();
+  const c10::optional<at::Tensor> weights =
+      col_weight.has_value() ? c10::optional<at::Tensor>(col_weight->contiguous()) : c10::nullopt;
+  const auto block_gradient = [&](at::Tensor& block, int64_t col_begin) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, block.scalar_type(),
+                                    "mtlfast::multi_task_loss_recompute_backward (CPU)", [&] {
+      gradient_from_stats<scalar_t>(block, col_begin, table, prepared.targets, weights, stats, scales);
+    });
+  };
+  auto [grad_h, grad_weight, grad_bias] = recompute_backward(h, weight, bias, block_columns, block_gradient);
+  return {grad_h.view(h_in.sizes()), grad_weight, grad_bias};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(mtlfast, CPU, m) {
+  m.impl("multi_task_loss_recompute_backward", &multi_task_loss_recompute_backward_cpu);
+}
+
+}  // namespace mtlfast

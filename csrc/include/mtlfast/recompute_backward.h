@@ -1,0 +1,31 @@
+// The device-independent part of multi_task_loss_recompute's backward (csrc/registration.cpp): the loop over blocks
+// of head columns and its GEMMs (ATen: MKL / oneDNN on the CPU, cuBLAS on CUDA). Each backend supplies the one
+// step that is its own, the logit gradient of a block from the row statistics the forward saved.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Optional.h>
+
+#include <functional>
+#include <tuple>
+
+namespace mtlfast {
+
+// Overwrites `block` (N, cols), the recomputed logits of head columns [col_begin, col_begin + cols), with their
+// gradient dz, each column's scaled by its task's entry of the (T,) scales (c_t / denominator_t).
+using BlockGradient = std::function<void(at::Tensor& block, int64_t col_begin)>;
+
+// grad_h (N, D), grad_weight (S, D), grad_bias (S,) or empty, all in h's dtype, from blocks of block_columns head
+// columns: per block z = h W_bᵀ + b_b, block_gradient(z), dW_b = zᵀ h, db_b = Σ_rows z, dh += z W_b (dh in the
+// accumulation dtype). h is (N, D), contiguous.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> recompute_backward(const at::Tensor& h, const at::Tensor& weight,
+                                                                  const c10::optional<at::Tensor>& bias,
+                                                                  int64_t block_columns,
+                                                                  const BlockGradient& block_gradient);
+
+// out (accumulation dtype) = a @ b, or out += a @ b when accumulate, for a and b in the input dtype (which may be
+// out's own). Half inputs accumulate in fp32 inside cuBLAS on CUDA (torch ≥ 2.10's out_dtype GEMMs); elsewhere
+// they are converted a block of output rows at a time.
+void gemm_to_accumulator(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, bool accumulate);
+
+}  // namespace mtlfast

@@ -1,0 +1,95 @@
+// multi_task_loss_recompute's backward, the part every device shares (csrc/include/mtlfast/recompute_backward.h).
+//
+// Memory: the loop holds one (N, block_columns) block of logits and the (N, D) input-gradient accumulator besides the
+// outputs. The weight gradient of a block is one GEMM written straight into its rows (disjoint across blocks: no
+// accumulator, one rounding, as in PyTorch's own linear backward); only dh, a sum over all blocks, is accumulated.
+#include "mtlfast/recompute_backward.h"
+
+#include <ATen/ATen.h>
+#include <ATen/core/grad_mode.h>
+#include <torch/version.h>
+
+#include <algorithm>
+
+#include "mtlfast/task_table.h"
+
+namespace mtlfast {
+
+void gemm_to_accumulator(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, bool accumulate) {
+  if (a.scalar_type() == out.scalar_type()) {
+    if (accumulate) {
+      at::addmm_out(out, out, a, b);
+    } else {
+      at::mm_out(out, a, b);
+    }
+    return;
+  }
+#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 10)
+  if (out.is_cuda()) {
+    if (accumulate) {
+      at::addmm_out(out, out, a, b, out.scalar_type());
+    } else {
+      at::mm_out(out, a, b, out.scalar_type());
+    }
+    return;
+  }
+#endif
+  // No out_dtype GEMM here (CPU tensors, which includes the CUDA emulation build, or an older torch): multiply in
+  // the accumulation type, a block of output rows at a time, so the converted copies stay small.
+  const at::Tensor b_acc = b.to(out.scalar_type());
+  constexpr int64_t kRowsPerBlock = 1024;
+  for (int64_t begin = 0; begin < out.size(0); begin += kRowsPerBlock) {
+    const int64_t rows = std::min(kRowsPerBlock, out.size(0) - begin);
+    at::Tensor out_rows = out.narrow(0, begin, rows);
+    const at::Tensor a_rows = a.narrow(0, begin, rows).to(out.scalar_type());
+    if (accumulate) {
+      out_rows.addmm_(a_rows, b_acc);
+    } else {
+      at::mm_out(out_rows, a_rows, b_acc);
+    }
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> recompute_backward(const at::Tensor& h, const at::Tensor& weight,
+                                                                  const c10::optional<at::Tensor>& bias,
+                                                                  int64_t block_columns,
+                                                                  const BlockGradient& block_gradient) {
+  TORCH_CHECK_VALUE(block_columns > 0, "mtlfast: block_columns must be positive, got ", block_columns);
+  at::NoGradGuard no_grad;  // implementation steps of a backward op (out= GEMMs refuse inputs that require grad)
+  const int64_t N = h.size(0);
+  const int64_t D = h.size(1);
+  const int64_t S = weight.size(0);
+  const at::ScalarType acc_dtype = accumulation_dtype(h.scalar_type());
+  const int64_t columns = std::min(block_columns, S);
+  // Rows of the block padded to 16 bytes, so the three GEMMs that touch it keep cuBLAS's fast paths.
+  const int64_t row_align = 16 / h.element_size();
+  const int64_t ld = (columns + row_align - 1) / row_align * row_align;
+
+  at::Tensor grad_weight = at::empty_like(weight, at::MemoryFormat::Contiguous);
+  at::Tensor grad_bias = bias.has_value() ? at::empty({S}, h.options()) : at::empty({0}, h.options());
+  at::Tensor grad_h_acc = at::empty({N, D}, h.options().dtype(acc_dtype));
+  {
+    at::Tensor buffer = at::empty({N, ld}, h.options());
+    for (int64_t begin = 0; begin < S; begin += columns) {
+      const int64_t width = std::min(columns, S - begin);
+      at::Tensor z = buffer.narrow(1, 0, width);
+      const at::Tensor w = weight.narrow(0, begin, width);
+      if (bias.has_value()) {
+        at::addmm_out(z, bias->narrow(0, begin, width), h, w.t());
+      } else {
+        at::mm_out(z, h, w.t());
+      }
+      block_gradient(z, begin);  // z now holds dz
+      at::Tensor grad_weight_rows = grad_weight.narrow(0, begin, width);
+      at::mm_out(grad_weight_rows, z.t(), h);
+      if (bias.has_value()) {
+        grad_bias.narrow(0, begin, width).copy_(z.sum(0, /*keepdim=*/false, acc_dtype));
+      }
+      gemm_to_accumulator(grad_h_acc, z, w, /*accumulate=*/begin > 0);
+    }
+  }  // the block buffer is released before grad_h is converted
+  at::Tensor grad_h = acc_dtype == h.scalar_type() ? grad_h_acc : grad_h_acc.to(h.scalar_type());
+  return {grad_h, grad_weight, grad_bias};
+}
+
+}  // namespace mtlfast
