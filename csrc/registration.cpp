@@ -39,7 +39,8 @@ TORCH_LIBRARY(mtlfast, m) {
       "Tensor? col_weight, Tensor col_task, int[] kinds, int[] col_offsets, int[] class_dims, int[] ignore_index, "
       "float[] params, str[] task_names, bool return_logits) -> (Tensor total, Tensor losses, Tensor grad_logits, "
       "Tensor logits)");
-  // Large heads: rows are processed in chunks of chunk_rows so the N×S logits never exist. Returns the per-task
+  // Large heads when the per-task input gradients are wanted (else multi_task_loss_recompute, below, needs less
+  // memory): rows are processed in chunks of chunk_rows so the N×S logits never exist. Returns the per-task
   // input gradients dL_t/dh (T, N, D) and the unscaled weight / bias gradients (S, D) / (S,) (the bias one is
   // empty without bias), all in the accumulation dtype. Gradients of different tasks never mix in the weight
   // gradient (disjoint rows), so the backward only rescales them by each task's coefficient.

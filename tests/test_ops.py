@@ -198,7 +198,8 @@ def test_every_schema_op_exists():
         assert hasattr(ops, name), name
     assert set(OP_NAMES) == {
         "multi_task_loss", "multi_task_loss_chunked", "multi_task_loss_backward",
-        "multi_task_loss_chunked_backward", "per_task_input_grads",
+        "multi_task_loss_chunked_backward", "multi_task_loss_recompute", "multi_task_loss_recompute_backward",
+        "per_task_input_grads",
     }
 
 

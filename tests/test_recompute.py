@@ -63,8 +63,8 @@ def _wide_tasks():
     """Wide cross-entropy and distillation tasks, for column blocks that cut through them."""
     return [
         mf.Binary("bin"),
-        mf.Classification("ce37", num_classes=37, label_smoothing=0.1, class_weights=[0.2 + 0.05 * c for c in range(37)],
-                          ignore_index=-1),
+        mf.Classification("ce37", num_classes=37, label_smoothing=0.1,
+                          class_weights=[0.2 + 0.05 * c for c in range(37)], ignore_index=-1),
         mf.Distillation("kd300", num_classes=300, temperature=2.0),
         mf.Distillation("kd37_probs", num_classes=37, temperature=0.5, targets="probs"),
         mf.Regression("huber", dim=3, loss="huber", delta=0.7),
