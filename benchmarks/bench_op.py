@@ -6,6 +6,8 @@ Providers (see :data:`PROVIDERS`):
 
 * ``mtlfast``: ``mtlfast.MultiTaskHeads(h, targets).loss.backward()`` (the fused op: the compiled extension if it
   is built, else the pure-PyTorch fallback; the CSV records which).
+* ``mtlfast_recompute`` / ``mtlfast_chunked`` (configs with a big head): the same with the large-head path forced:
+  logits recomputed in the backward from saved row statistics, or gradients finished chunk by chunk in the forward.
 * ``eager_loop``: ``nn.ModuleDict`` of ``nn.Linear`` + one ``F.*`` loss per task + Σ λ_t·L_t (what users write).
 * ``eager_concat``: one concatenated ``nn.Linear``, logits split per task, per-task losses, sum.
 * ``compiled_loop``: ``torch.compile`` of the ``eager_loop`` loss function (backward through the compiled graph).
@@ -216,10 +218,12 @@ def autograd_step(loss_fn: Callable[[], torch.Tensor], params, h: torch.Tensor, 
     return Step(run, list(params), h, note)
 
 
-def build_mtlfast(p: Problem) -> Step:
+def build_mtlfast(p: Problem, recompute_logits: bool | None = None) -> Step:
     heads = mf.MultiTaskHeads.from_linear(p.copy_heads(), p.tasks)
+    heads.recompute_logits = recompute_logits
     h = p.leaf_h()
-    return autograd_step(lambda: heads(h, p.targets).loss, heads.parameters(), h)
+    note = "" if recompute_logits is None else f"recompute_logits={recompute_logits}"
+    return autograd_step(lambda: heads(h, p.targets).loss, heads.parameters(), h, note)
 
 
 def build_eager_loop(p: Problem) -> Step:
@@ -323,6 +327,9 @@ class Provider:
 
 PROVIDERS: dict[str, Provider] = {
     "mtlfast": Provider(build_mtlfast),
+    # The two large-head paths forced (the default picks one per device: functional.RECOMPUTE_DEVICE_TYPES).
+    "mtlfast_recompute": Provider(lambda p: build_mtlfast(p, recompute_logits=True), big_head_only=True),
+    "mtlfast_chunked": Provider(lambda p: build_mtlfast(p, recompute_logits=False), big_head_only=True),
     "eager_loop": Provider(build_eager_loop),
     "eager_concat": Provider(build_eager_concat),
     "compiled_loop": Provider(build_compiled_loop),

@@ -24,6 +24,13 @@ _ops = torch.ops.mtlfast
 # CPU (torch.compile of the loop: 4.76 s), for a peak of about 0.2x eager's memory.
 CHUNK_ELEMENTS = 1 << 25
 MIN_CHUNK_ROWS = 512
+# Device types on which large heads recompute their logits in the backward by default (multi_task_loss_recompute:
+# the forward saves per-row softmax statistics; a step then holds the parameters' gradients plus one block of
+# logits). Elsewhere the chunked op, which finishes the gradients in the forward with one GEMM less: on the 2-core
+# CPU, S5 in fp32 took 4.5-5.1 s per step chunked vs 7.4 s recomputing, for a peak of 301 vs 157 MiB (eager loop:
+# 6.0 s, 1500 MiB; `python -m benchmarks.bench_op --device cpu --configs S5 --providers
+# mtlfast,mtlfast_chunked,mtlfast_recompute,eager_loop --repeat 3`, medians).
+RECOMPUTE_DEVICE_TYPES = frozenset({"cuda"})
 
 
 class MultiTaskLossOutput(NamedTuple):
@@ -101,6 +108,7 @@ def multi_task_loss(
     return_logits: bool = False,
     per_task_input_grads: bool = False,
     chunk_rows: int | str | None = "auto",
+    recompute_logits: bool | None = None,
     _tables: tuple[torch.Tensor, torch.Tensor | None] | None = None,
 ) -> MultiTaskLossOutput:
     """Every head's output, every task's loss and Σ λ_t·L_t in one fused op.
@@ -117,13 +125,20 @@ def multi_task_loss(
         return_logits: also return the (..., S) logits (then the small-head path is used).
         per_task_input_grads: also return dL_t/dh for every task, (T, ..., D), from the same fused pass.
         chunk_rows: rows per chunk for large heads; "auto" chunks when N·S is large and S > D; None never.
+        recompute_logits: how a chunked (large) head gets its gradients. True: the forward keeps only per-row softmax
+            statistics and the backward recomputes the logits in blocks of head columns (the least memory: about
+            the parameters' gradients plus one block; one GEMM more). False: the forward finishes the gradients
+            chunk by chunk (fp32 accumulators of the weight gradient and of each task's input gradient). None: True
+            on CUDA, False on the CPU, where the extra GEMM costs more than the memory saved is worth. Always False
+            with ``per_task_input_grads`` (the chunked forward produces them).
 
     ``_tables`` (internal): the layout's (col_task, col_weight) tensors already on the device, as modules keep them
     in buffers.
     """
     output, _present = fused_multi_task_loss(
         h, weight, bias, targets, tasks, task_weights, return_logits=return_logits,
-        per_task_input_grads=per_task_input_grads, chunk_rows=chunk_rows, _tables=_tables,
+        per_task_input_grads=per_task_input_grads, chunk_rows=chunk_rows, recompute_logits=recompute_logits,
+        _tables=_tables,
     )
     return output
 
@@ -143,6 +158,7 @@ def fused_multi_task_loss(
     return_logits: bool = False,
     per_task_input_grads: bool = False,
     chunk_rows: int | str | None = "auto",
+    recompute_logits: bool | None = None,
     _tables: tuple[torch.Tensor, torch.Tensor | None] | None = None,
 ) -> tuple[MultiTaskLossOutput, Present]:
     """:func:`multi_task_loss`, plus which tasks had a target (what :class:`mtlfast.MultiTaskHeads` reports)."""
@@ -177,11 +193,15 @@ def fused_multi_task_loss(
         flags = tuple(target is not None for target in given)
         present = None if all(flags) else flags
         common = (kinds, layout.col_offsets, layout.class_dims, layout.ignore_index, layout.params, layout.names)
-        if chunk > 0 and per_task_input_grads:  # the chunked op produces dL_t/dh in its forward
+        if recompute_logits is None:
+            recompute_logits = h.device.type in RECOMPUTE_DEVICE_TYPES
+        if chunk > 0 and (per_task_input_grads or not recompute_logits):  # gradients finished in the forward
             total, losses, grad_h_per_task, _, _ = _fused.multi_task_loss_chunked(
                 h, weight, bias, op_targets, task_weights, col_weight, col_task, *common, chunk
             )
-            input_grads = grad_h_per_task.detach().view(layout.num_tasks, *batch_shape, h.shape[-1])
+            input_grads = None
+            if per_task_input_grads:
+                input_grads = grad_h_per_task.detach().view(layout.num_tasks, *batch_shape, h.shape[-1])
             return MultiTaskLossOutput(total, losses, None, input_grads), present
         if chunk > 0:  # the backward recomputes the logits: the least memory
             total, losses, _, _ = _fused.multi_task_loss_recompute(

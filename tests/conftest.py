@@ -29,6 +29,10 @@ if CUDA_EMULATION:  # the CUDA backend, emulated, replaces the CPU kernels (see 
         sys.modules[_spec.name] = importlib.util.module_from_spec(_spec)
         _spec.loader.exec_module(sys.modules[_spec.name])
     import mtlfast._cuda_emulation  # noqa: E402, F401
+    import mtlfast.functional  # noqa: E402
+
+    # CPU tensors take CUDA's defaults too: large heads recompute their logits in the backward.
+    mtlfast.functional.RECOMPUTE_DEVICE_TYPES = mtlfast.functional.RECOMPUTE_DEVICE_TYPES | {"cpu"}
 
 
 def pytest_report_header(config):

@@ -291,10 +291,12 @@ def reference_result(
     return Result(_as64(total), _as64(losses), grads, _as64(logits), result_input_grads)
 
 
-def build_heads(case: Case, *, dtype=torch.float64, device=None, chunk_rows="auto", learnable_lam: bool = True):
+def build_heads(case: Case, *, dtype=torch.float64, device=None, chunk_rows="auto", learnable_lam: bool = True,
+                recompute_logits: bool | None = None):
     """A MultiTaskHeads holding the case's weight / bias (and λ as a learnable parameter)."""
     heads = mf.MultiTaskHeads(
-        case.h.shape[-1], case.tasks, bias=case.bias is not None, chunk_rows=chunk_rows, dtype=dtype, device=device
+        case.h.shape[-1], case.tasks, bias=case.bias is not None, chunk_rows=chunk_rows,
+        recompute_logits=recompute_logits, dtype=dtype, device=device,
     )
     group = heads.packed[mf.tasks.DEFAULT_INPUT]
     with torch.no_grad():
@@ -314,6 +316,7 @@ def fused_result(
     dtype: torch.dtype = torch.float64,
     device=None,
     chunk_rows="auto",
+    recompute_logits: bool | None = None,
     objective=None,
     return_logits: bool = False,
     per_task_input_grads: bool = False,
@@ -334,11 +337,13 @@ def fused_result(
         out = mf.functional.multi_task_loss(
             h, weight, bias, targets, case.tasks, lam,
             return_logits=return_logits, per_task_input_grads=per_task_input_grads, chunk_rows=chunk_rows,
+            recompute_logits=recompute_logits,
         )
         total, losses, logits, input_grads = out
         grads_in = {"h": h, "weight": weight, "bias": bias, "lam": lam}
     elif via == "heads":
-        heads = build_heads(case, dtype=dtype, device=device, chunk_rows=chunk_rows, learnable_lam=case.lam is not None)
+        heads = build_heads(case, dtype=dtype, device=device, chunk_rows=chunk_rows, learnable_lam=case.lam is not None,
+                            recompute_logits=recompute_logits)
         out = heads(h, device_targets, return_logits=return_logits, per_task_input_grads=per_task_input_grads)
         total, losses = out.loss, out.loss_vector
         logits = input_grads = None

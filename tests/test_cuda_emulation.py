@@ -30,6 +30,7 @@ EMULATED_FILES = [
     "test_heads.py",
     "test_compile.py",
     "test_ops.py",
+    "test_recompute.py",
 ]
 
 BUILT = importlib.util.find_spec("mtlfast._cuda_emulation") is not None

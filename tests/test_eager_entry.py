@@ -43,10 +43,11 @@ def test_eager_calls_take_the_entry_point(via, op_spy):
     assert op_spy.names == ["multi_task_loss"] and op_spy.eager_calls == 1
 
 
-def test_compiled_and_chunked_calls_do_not(op_spy):
+@pytest.mark.parametrize("recompute_logits, op", [(False, "multi_task_loss_chunked"), (True, "multi_task_loss_recompute")])
+def test_compiled_and_chunked_calls_do_not(recompute_logits, op, op_spy):
     case = _case(2)
-    fused_result(case, via="heads", chunk_rows=3)
-    assert op_spy.names == ["multi_task_loss_recompute"] and op_spy.eager_calls == 0
+    fused_result(case, via="heads", chunk_rows=3, recompute_logits=recompute_logits)
+    assert op_spy.names == [op] and op_spy.eager_calls == 0
 
 
 def _objective(total, losses, logits):

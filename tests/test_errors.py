@@ -403,10 +403,9 @@ def test_raw_op_nonpositive_chunk_rows(chunk_rows):
 def test_second_backward_through_the_chunked_path_is_refused(monkeypatch):
     # A large head's chunked path rescales its saved weight gradient in place; a second backward must say so,
     # not silently return a doubly-scaled gradient.
-    # (The chunked op serves large heads when the per-task input gradients are asked for.)
     monkeypatch.setattr(mf.ops, "INPLACE_BACKWARD_MIN_ELEMENTS", 0)
-    heads = mf.MultiTaskHeads(D, _tasks(), chunk_rows=2)
-    out = heads(torch.randn(B, D), _good_targets(), per_task_input_grads=True)
+    heads = mf.MultiTaskHeads(D, _tasks(), chunk_rows=2, recompute_logits=False)
+    out = heads(torch.randn(B, D), _good_targets())
     out.loss.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="chunk_rows=None"):
         out.loss.backward()
@@ -414,7 +413,7 @@ def test_second_backward_through_the_chunked_path_is_refused(monkeypatch):
 
 def test_second_backward_through_the_recompute_path_works():
     # The recompute path's backward only reads what the forward saved.
-    heads = mf.MultiTaskHeads(D, _tasks(), chunk_rows=2)
+    heads = mf.MultiTaskHeads(D, _tasks(), chunk_rows=2, recompute_logits=True)
     out = heads(torch.randn(B, D), _good_targets())
     out.loss.backward(retain_graph=True)
     first = heads.packed["default"].weight.grad.clone()

@@ -22,18 +22,31 @@ from mtl_helpers import (
 )
 
 VIAS = ["functional", "heads"]
-# None: the small-head path (logit gradient kept from the forward); ints: the chunked path.
-PATHS = [None, 7, 1]
+# (chunk_rows, recompute_logits). chunk_rows None: the small-head path (logit gradient kept from the forward); ints:
+# a large-head path, the chunked op (gradients finished in the forward) or the recompute op (logits recomputed in the
+# backward from saved row statistics).
+PATHS = [
+    pytest.param(None, None, id="small"),
+    pytest.param(7, False, id="chunked7"),
+    pytest.param(1, False, id="chunked1"),
+    pytest.param(7, True, id="recompute7"),
+    pytest.param(1, True, id="recompute1"),
+]
+LARGE_HEAD_PATHS = [
+    pytest.param(None, None, id="small"),
+    pytest.param(4, False, id="chunked"),
+    pytest.param(4, True, id="recompute"),
+]
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Random task mixes
 
 
-@pytest.mark.parametrize("chunk_rows", PATHS)
+@pytest.mark.parametrize("chunk_rows, recompute_logits", PATHS)
 @pytest.mark.parametrize("via", VIAS)
 @pytest.mark.parametrize("seed", range(10))
-def test_random_mix(seed, via, chunk_rows):
+def test_random_mix(seed, via, chunk_rows, recompute_logits):
     rng = random.Random(1000 + seed)
     case = make_case(
         seed,
@@ -45,7 +58,7 @@ def test_random_mix(seed, via, chunk_rows):
         p_missing=rng.choice([0.0, 0.2, 0.5]),
     )
     expected = reference_result(case)
-    actual = fused_result(case, via=via, chunk_rows=chunk_rows)
+    actual = fused_result(case, via=via, chunk_rows=chunk_rows, recompute_logits=recompute_logits)
     assert_results_close(actual, expected)
 
 
@@ -75,13 +88,14 @@ SINGLE_TASKS = {
 }
 
 
-@pytest.mark.parametrize("chunk_rows", [None, 4])
+@pytest.mark.parametrize("chunk_rows, recompute_logits", LARGE_HEAD_PATHS)
 @pytest.mark.parametrize("key", sorted(SINGLE_TASKS))
-def test_each_task_kind_and_option(key, chunk_rows):
+def test_each_task_kind_and_option(key, chunk_rows, recompute_logits):
     # A second task next to it checks that columns of different tasks do not mix.
     tasks = [SINGLE_TASKS[key], mf.Regression("other", dim=2, weight=0.7)]
     case = make_case(sorted(SINGLE_TASKS).index(key), tasks, batch_shape=(11,), features=5, logit_scale=3.0)
-    assert_results_close(fused_result(case, chunk_rows=chunk_rows), reference_result(case))
+    actual = fused_result(case, chunk_rows=chunk_rows, recompute_logits=recompute_logits)
+    assert_results_close(actual, reference_result(case))
 
 
 @pytest.mark.parametrize("chunk_rows", [None, 3])
@@ -140,13 +154,13 @@ def _all_kinds():
     ]
 
 
-@pytest.mark.parametrize("chunk_rows", [None, 4])
+@pytest.mark.parametrize("chunk_rows, recompute_logits", LARGE_HEAD_PATHS)
 @pytest.mark.parametrize("via", VIAS)
 @pytest.mark.parametrize("empty", [t.name for t in _all_kinds()])
-def test_task_without_valid_entries(empty, via, chunk_rows):
+def test_task_without_valid_entries(empty, via, chunk_rows, recompute_logits):
     tasks = _all_kinds()
     case = make_case(5, tasks, batch_shape=(3, 3), features=4, empty=[empty])
-    actual = fused_result(case, via=via, chunk_rows=chunk_rows)
+    actual = fused_result(case, via=via, chunk_rows=chunk_rows, recompute_logits=recompute_logits)
     t = case.names.index(empty)
     assert float(actual.losses[t]) == 0.0
     columns = case.layout.columns(t)
@@ -178,16 +192,17 @@ def test_class_weights_summing_to_zero_over_the_batch(chunk_rows):
     assert_results_close(actual, reference_result(case))
 
 
-@pytest.mark.parametrize("chunk_rows", [None, 3])
+@pytest.mark.parametrize("chunk_rows, recompute_logits", LARGE_HEAD_PATHS)
 @pytest.mark.parametrize("via", VIAS)
 @pytest.mark.parametrize("targets_as", ["dict", "list"])
-def test_absent_tasks(targets_as, via, chunk_rows):
+def test_absent_tasks(targets_as, via, chunk_rows, recompute_logits):
     if via == "heads" and targets_as == "list":
         pytest.skip("MultiTaskHeads takes a mapping")
     tasks = _all_kinds()
     absent = ["ce_smooth_weighted", "multi", "l1"]
     case = make_case(9, tasks, batch_shape=(7,), features=4, absent=absent)
-    actual = fused_result(case, via=via, chunk_rows=chunk_rows, targets_as=targets_as)
+    actual = fused_result(case, via=via, chunk_rows=chunk_rows, targets_as=targets_as,
+                          recompute_logits=recompute_logits)
     for name in absent:
         t = case.names.index(name)
         assert float(actual.losses[t]) == 0.0
@@ -207,14 +222,19 @@ def _big_head_case(seed=21):
 
 
 @pytest.mark.parametrize("via", VIAS)
-@pytest.mark.parametrize("input_grads", [False, True], ids=["recompute", "per_task_input_grads"])
-def test_auto_chunks_a_big_head(via, input_grads, op_spy, monkeypatch):
-    """A big head takes the recompute path, or the chunked op when the per-task input gradients are asked for."""
+@pytest.mark.parametrize(
+    "recompute_logits, input_grads, op",
+    [(True, False, "multi_task_loss_recompute"), (False, False, "multi_task_loss_chunked"),
+     (True, True, "multi_task_loss_chunked")],  # the chunked forward produces the per-task input gradients
+    ids=["recompute", "chunked", "per_task_input_grads"],
+)
+def test_auto_chunks_a_big_head(via, recompute_logits, input_grads, op, op_spy, monkeypatch):
     monkeypatch.setattr(mtlfast.functional, "CHUNK_ELEMENTS", 1024)
     monkeypatch.setattr(mtlfast.functional, "MIN_CHUNK_ROWS", 1)
     case = _big_head_case()
-    actual = fused_result(case, via=via, chunk_rows="auto", per_task_input_grads=input_grads)
-    assert op_spy.names == ["multi_task_loss_chunked" if input_grads else "multi_task_loss_recompute"]
+    actual = fused_result(case, via=via, chunk_rows="auto", per_task_input_grads=input_grads,
+                          recompute_logits=recompute_logits)
+    assert op_spy.names == [op]
     chunk_rows = op_spy.calls[0][1][-1]
     assert 1 <= chunk_rows < 40  # really several chunks of the 40 rows
     expected = reference_result(case, input_grads=input_grads)
@@ -245,10 +265,19 @@ def test_chunk_rows_none_never_chunks(op_spy, monkeypatch):
 
 def test_explicit_chunk_rows_reach_the_op(op_spy):
     case = _big_head_case(23)
-    fused_result(case, via="heads", chunk_rows=7)
-    fused_result(case, via="heads", chunk_rows=5, per_task_input_grads=True)
+    fused_result(case, via="heads", chunk_rows=7, recompute_logits=True)
+    fused_result(case, via="heads", chunk_rows=5, recompute_logits=False)
     assert op_spy.names == ["multi_task_loss_recompute", "multi_task_loss_chunked"]
     assert [args[-1] for _, args in op_spy.calls] == [7, 5]
+
+
+def test_default_large_head_path_follows_the_device_type(op_spy, monkeypatch):
+    """recompute_logits=None recomputes on the device types in RECOMPUTE_DEVICE_TYPES (CUDA), not elsewhere."""
+    monkeypatch.setattr(mtlfast.functional, "RECOMPUTE_DEVICE_TYPES", frozenset({"cuda"}))
+    fused_result(_big_head_case(24), chunk_rows=7)  # CPU tensors
+    monkeypatch.setattr(mtlfast.functional, "RECOMPUTE_DEVICE_TYPES", frozenset({"cuda", "cpu"}))
+    fused_result(_big_head_case(24), chunk_rows=7)
+    assert op_spy.names == ["multi_task_loss_chunked", "multi_task_loss_recompute"]
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -120,6 +120,8 @@ class MultiTaskHeads(nn.Module):
             replace with a learnable ``nn.Parameter`` or update in place).
         bias: whether heads have a bias.
         chunk_rows: rows per chunk for large heads ("auto", an int, or None to never chunk).
+        recompute_logits: for large heads, recompute the logits in the backward (least memory, one more GEMM);
+            None: on CUDA yes, on the CPU no (see :func:`mtlfast.functional.multi_task_loss`).
 
     ``state_dict()`` has exactly the keys and shapes of the ModuleDict of Linear layers (``"topic.weight"``,
     ``"topic.bias"``, …) and ``load_state_dict`` accepts one. Internally each input's heads are one (S, D) parameter.
@@ -132,6 +134,7 @@ class MultiTaskHeads(nn.Module):
         *,
         bias: bool = True,
         chunk_rows: int | str | None = "auto",
+        recompute_logits: bool | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ):
@@ -167,6 +170,7 @@ class MultiTaskHeads(nn.Module):
         )
         self._single_group = len(self.packed) == 1
         self.chunk_rows = chunk_rows
+        self.recompute_logits = recompute_logits
         lam_dtype = torch.float64 if dtype == torch.float64 else torch.float32
         self.register_buffer(
             "task_weights", torch.tensor([task.weight for task in tasks], dtype=lam_dtype, device=device),
@@ -291,7 +295,7 @@ class MultiTaskHeads(nn.Module):
         return fused_multi_task_loss(
             x, group.weight, group.bias, targets, group.layout, task_weights,
             return_logits=return_logits, per_task_input_grads=per_task_input_grads, chunk_rows=self.chunk_rows,
-            _tables=(group.col_task, group.col_weight),
+            recompute_logits=self.recompute_logits, _tables=(group.col_task, group.col_weight),
         )
 
     def _present_tasks(self, targets: Targets) -> tuple[list, list[bool]]:
