@@ -94,7 +94,7 @@ struct TaskPass {
 template <typename acc_t>
 void store_row_stats(const TaskPass<acc_t>& task, int64_t row, acc_t s0, acc_t s1, acc_t s2, acc_t s3) {
   if (task.row_stats != nullptr) {
-    acc_t* out = task.row_stats + row * 4;
+    acc_t* out = task.row_stats + row * kSavedRowStats;
     out[0] = s0;
     out[1] = s1;
     out[2] = s2;
@@ -210,7 +210,7 @@ class LossProblem {
     const int64_t rows = row_stats.size(1);
     for (int64_t t = 0; t < num_tasks(); ++t) {
       if (tasks_[t].kind == kCrossEntropy || is_distillation(tasks_[t].kind)) {
-        tasks_[t].row_stats = base + t * rows * 4;
+        tasks_[t].row_stats = base + t * rows * kSavedRowStats;
       }
     }
   }
@@ -848,7 +848,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> multi_task_loss_recom
   const int64_t N = table.rows;
   const int64_t chunk = std::min(chunk_rows, N);
   const at::TensorOptions acc_options = h.options().dtype(accumulation_dtype(h.scalar_type()));
-  at::Tensor row_stats = at::zeros({table.num_tasks(), N, 4}, acc_options);
+  at::Tensor row_stats = at::zeros({table.num_tasks(), N, kSavedRowStats}, acc_options);
   at::Tensor logits_buffer = at::empty({chunk, table.columns}, h.options());
   at::Tensor losses;
   at::Tensor inverse_denominators;

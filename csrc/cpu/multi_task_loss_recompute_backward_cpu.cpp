@@ -23,36 +23,20 @@ namespace {
 template <typename scalar_t, typename acc_t>
 void cross_entropy_gradient(scalar_t* z, int64_t n, int64_t first_class, int64_t target, const acc_t* stats,
                             const acc_t* class_weights, acc_t scale) {
-  const CrossEntropyRow<acc_t> row{stats[1], stats[2]};
-  const acc_t smoothing_scale = stats[3];
-  if (row.a == acc_t(0) && row.B == acc_t(0) && smoothing_scale == acc_t(0)) {  // ignored row: all terms vanish
-    std::fill(z, z + n, scalar_t(0));
-    return;
-  }
-  const acc_t log_sum_exp = stats[0];
+  const SavedCrossEntropyRow<acc_t> saved = saved_cross_entropy_row(stats);
   for (int64_t c = 0; c < n; ++c) {
     const int64_t k = first_class + c;
     const acc_t w = class_weights != nullptr ? class_weights[k] : acc_t(1);
-    const acc_t prob = std::exp(static_cast<acc_t>(z[c]) - log_sum_exp);
-    z[c] = static_cast<scalar_t>(scale * cross_entropy_grad(row, prob, k == target, smoothing_scale * w));
+    z[c] = static_cast<scalar_t>(scale * saved_cross_entropy_grad(saved, static_cast<acc_t>(z[c]), k == target, w));
   }
 }
 
 template <typename scalar_t, typename acc_t>
 void distillation_gradient(scalar_t* z, int64_t n, const acc_t* y, const acc_t* stats, acc_t temperature,
                            bool from_logits, acc_t scale) {
-  if (stats[3] == acc_t(0)) {  // missing row
-    std::fill(z, z + n, scalar_t(0));
-    return;
-  }
-  DistillationRow<acc_t> row;
-  row.temperature = temperature;
-  row.inv_temperature = acc_t(1) / temperature;
-  row.student_lse = stats[0];
-  row.teacher_lse = stats[1];
-  row.target_mass = stats[2];
+  const SavedDistillationRow<acc_t> saved = saved_distillation_row(temperature, stats);
   for (int64_t c = 0; c < n; ++c) {
-    z[c] = static_cast<scalar_t>(scale * distillation_element(row, from_logits, static_cast<acc_t>(z[c]), y[c]).grad);
+    z[c] = static_cast<scalar_t>(scale * saved_distillation_grad(saved, from_logits, static_cast<acc_t>(z[c]), y[c]));
   }
 }
 
@@ -95,7 +79,7 @@ void gradient_from_stats(at::Tensor& block, int64_t col_begin, const TaskTable& 
       const acc_t* task_weights = weights != nullptr ? weights + table.col_offsets[t] : nullptr;
       for (int64_t i = row_begin; i < row_end; ++i) {
         scalar_t* z = data + i * ld + (begin - col_begin);
-        const acc_t* row_stats_i = stats + (t * N + i) * 4;
+        const acc_t* row_stats_i = stats + (t * N + i) * kSavedRowStats;
         if (kind == kNone) {
           std::fill(z, z + n, scalar_t(0));
         } else if (kind == kCrossEntropy) {

@@ -882,32 +882,30 @@ __device__ __forceinline__ void dense_gradient(const TaskMeta& task, const Gradi
 }
 
 template <typename scalar_t>
+__device__ __forceinline__ const typename ScalarTraits<scalar_t>::acc_t* saved_row(const TaskMeta& task,
+                                                                                  const GradientArgs& args,
+                                                                                  int64_t row) {
+  using acc_t = typename ScalarTraits<scalar_t>::acc_t;
+  return static_cast<const acc_t*>(args.row_stats) + (int64_t(task.index) * args.rows + row) * kRowStatsWidth;
+}
+
+template <typename scalar_t>
 __device__ __forceinline__ void cross_entropy_gradient(const TaskMeta& task, const GradientArgs& args, int64_t row,
                                                        int64_t first_class, int64_t n, scalar_t* z,
                                                        typename ScalarTraits<scalar_t>::acc_t scale) {
   using T = ScalarTraits<scalar_t>;
   using acc_t = typename T::acc_t;
-  const acc_t* s = static_cast<const acc_t*>(args.row_stats) + (int64_t(task.index) * args.rows + row) * kRowStatsWidth;
-  const acc_t log_sum_exp = s[0];
-  const CrossEntropyRow<acc_t> terms{s[1], s[2]};
-  const acc_t smoothing_scale = s[3];
-  // An ignored row (or one whose class index is out of range) was saved as zeros: every gradient term is then 0,
-  // as for a row whose target class weighs 0 without smoothing, so it needs no test of its own here.
+  const SavedCrossEntropyRow<acc_t> saved = saved_cross_entropy_row(saved_row<scalar_t>(task, args, row));
   const int64_t y = static_cast<const int64_t*>(task.target)[row];
   const acc_t smoothing = acc_t(task.param);
   const acc_t* class_weight = args.col_weight != nullptr
                                   ? static_cast<const acc_t*>(args.col_weight) + task.col_offset
                                   : nullptr;
-  const bool zero_row = terms.a == acc_t(0) && terms.B == acc_t(0) && smoothing_scale == acc_t(0);
   for (int64_t c = threadIdx.x; c < n; c += blockDim.x) {
     const int64_t k = first_class + c;
-    acc_t grad = acc_t(0);
-    if (!zero_row) {
-      const acc_t prob = ::exp(T::to_acc(z[c]) - log_sum_exp);
-      grad = cross_entropy_grad(terms, prob, k == y, smoothing_scale * smoothing_class_weight(class_weight, k, smoothing)) *
-             scale;
-    }
-    z[c] = T::from_acc(grad);
+    const acc_t grad = saved_cross_entropy_grad(saved, T::to_acc(z[c]), k == y,
+                                                smoothing_class_weight(class_weight, k, smoothing));
+    z[c] = T::from_acc(grad * scale);
   }
 }
 
@@ -917,20 +915,12 @@ __device__ __forceinline__ void distillation_gradient(const TaskMeta& task, cons
                                                       typename ScalarTraits<scalar_t>::acc_t scale) {
   using T = ScalarTraits<scalar_t>;
   using acc_t = typename T::acc_t;
-  const acc_t* s = static_cast<const acc_t*>(args.row_stats) + (int64_t(task.index) * args.rows + row) * kRowStatsWidth;
-  const bool valid = s[3] != acc_t(0);  // a missing row (a NaN target entry) was saved as zeros
+  const SavedDistillationRow<acc_t> saved =
+      saved_distillation_row(acc_t(task.param), saved_row<scalar_t>(task, args, row));
   const bool from_logits = distillation_targets_are_logits(task.kind);
-  const acc_t temperature = acc_t(task.param);
-  DistillationRow<acc_t> terms;
-  terms.temperature = temperature;
-  terms.inv_temperature = acc_t(1) / temperature;
-  terms.student_lse = s[0];
-  terms.teacher_lse = s[1];
-  terms.target_mass = s[2];
   const acc_t* y = static_cast<const acc_t*>(task.target) + row * task.width + first_class;
   for (int64_t c = threadIdx.x; c < n; c += blockDim.x) {
-    const acc_t grad = valid ? distillation_element(terms, from_logits, T::to_acc(z[c]), y[c]).grad * scale : acc_t(0);
-    z[c] = T::from_acc(grad);
+    z[c] = T::from_acc(saved_distillation_grad(saved, from_logits, T::to_acc(z[c]), y[c]) * scale);
   }
 }
 

@@ -19,6 +19,8 @@
 
 #include <cstdint>
 
+#include "mtlfast/loss_math.h"
+
 namespace mtlfast {
 namespace cuda {
 
@@ -71,8 +73,8 @@ struct SegmentArgs {
   int64_t row_stats_rows;         // N
 };
 
-// Per (task, row) values of SegmentArgs::row_stats.
-constexpr int kRowStatsWidth = 4;
+// Per (task, row) values of SegmentArgs::row_stats (loss_math.h's kSavedRowStats).
+constexpr int kRowStatsWidth = kSavedRowStats;
 
 // One block of head columns for launch_gradient_from_stats: the logits of columns [col_begin, col_begin + cols) of
 // every row, overwritten with the logit gradient dz = (per-element gradient from the saved row statistics) × scale

@@ -208,6 +208,67 @@ MTLFAST_HD LossAndGrad<acc_t> distillation_element(const DistillationRow<acc_t>&
   return r;
 }
 
+// multi_task_loss_recompute saves 4 statistics per softmax row (layout: csrc/registration.cpp) and its backward,
+// on every backend, rebuilds the row's gradient from them with these, one logit at a time:
+//   cross-entropy [lse, a, B, ε/C]: all 0 for an ignored row, whose every gradient term then vanishes (as for a valid
+//                 row whose target class weighs 0 without smoothing, so the two need no telling apart);
+//   distillation  [lse_s, lse_t, m, valid]: all 0 for a missing row.
+constexpr int kSavedRowStats = 4;
+
+template <typename acc_t>
+struct SavedCrossEntropyRow {
+  CrossEntropyRow<acc_t> row;
+  acc_t log_sum_exp;
+  acc_t smoothing_scale;  // ε / C: b_c = smoothing_scale · w_c
+  bool contributes;       // false when every term is 0 (exp(z - 0) could overflow into 0 · inf)
+};
+
+template <typename acc_t>
+MTLFAST_HD SavedCrossEntropyRow<acc_t> saved_cross_entropy_row(const acc_t* stats) {
+  SavedCrossEntropyRow<acc_t> r;
+  r.row.a = stats[1];
+  r.row.B = stats[2];
+  r.log_sum_exp = stats[0];
+  r.smoothing_scale = stats[3];
+  r.contributes = !(r.row.a == acc_t(0) && r.row.B == acc_t(0) && r.smoothing_scale == acc_t(0));
+  return r;
+}
+
+// d(row loss)/dz_c, unnormalised; class_weight_c = w_c (1 without class weights).
+template <typename acc_t>
+MTLFAST_HD acc_t saved_cross_entropy_grad(const SavedCrossEntropyRow<acc_t>& r, acc_t z, bool is_target,
+                                          acc_t class_weight_c) {
+  if (!r.contributes) {
+    return acc_t(0);
+  }
+  return cross_entropy_grad(r.row, std::exp(z - r.log_sum_exp), is_target, r.smoothing_scale * class_weight_c);
+}
+
+template <typename acc_t>
+struct SavedDistillationRow {
+  DistillationRow<acc_t> row;
+  bool valid;
+};
+
+template <typename acc_t>
+MTLFAST_HD SavedDistillationRow<acc_t> saved_distillation_row(acc_t temperature, const acc_t* stats) {
+  SavedDistillationRow<acc_t> r;
+  r.row.temperature = temperature;
+  r.row.inv_temperature = acc_t(1) / temperature;
+  r.row.student_lse = stats[0];
+  r.row.teacher_lse = stats[1];
+  r.row.target_mass = stats[2];
+  r.valid = stats[3] != acc_t(0);
+  return r;
+}
+
+// d(row loss)/dz_c, unnormalised (carries τ, as distillation_element's); y the target entry of class c.
+template <typename acc_t>
+MTLFAST_HD acc_t saved_distillation_grad(const SavedDistillationRow<acc_t>& r, bool targets_are_logits, acc_t z,
+                                         acc_t y) {
+  return r.valid ? distillation_element(r.row, targets_are_logits, z, y).grad : acc_t(0);
+}
+
 // 1 / denominator, or 0 for a task with no valid entry (it then contributes 0 and gets zero gradient).
 template <typename acc_t>
 MTLFAST_HD acc_t safe_reciprocal(acc_t denominator) {
