@@ -1,4 +1,4 @@
-"""Standalone GPU self-check of the CUDA kernels of torch.ops.mtlfast.multi_task_loss(_chunked).
+"""Standalone GPU self-check of the CUDA kernels of torch.ops.mtlfast.multi_task_loss(_chunked / _recompute).
 
 Builds nothing. Loads the ops from ``--lib path/to/_C*.so`` (``torch.ops.load_library``) or, without it, by
 importing ``mtlfast``. Then, for random task mixes in fp32 / bf16 / fp16:
@@ -316,6 +316,20 @@ def check_problem(p: Problem, dtype, report: Report, cpu_op: bool, chunk_rows: i
     if cpu_op and has_kernel("multi_task_loss_chunked", "CPU"):
         c = chunked_op(*p.args("cpu", torch.float64), chunk_rows)
         report.add(p.name, dtype, "chunked grad_weight vs CPU op", rel_err(ch_dw, c[2]), E2E_TOL[dtype])
+
+    # Recompute op: losses from the forward, then the backward (grad_total = 1, so c = λ = 1) with blocks of head
+    # columns that cut through wide tasks, against the float64 reference's gradients.
+    _, rc_losses, row_stats, inverse_denominators = ops.multi_task_loss_recompute(*args, chunk_rows)
+    report.add(p.name, dtype, f"recompute({chunk_rows}) losses", rel_err(rc_losses, e_losses), E2E_TOL[dtype])
+    h, weight, bias, targets, task_weights, col_weight, col_task, kinds, offsets, class_dims, ignore, params, names = args
+    rc_dh, rc_dw, rc_db = ops.multi_task_loss_recompute_backward(
+        torch.ones((), dtype=acc, device=h.device), None, task_weights, h, weight, bias, targets, col_weight,
+        col_task, row_stats, inverse_denominators, kinds, offsets, class_dims, ignore, params, names, 37)
+    report.add(p.name, dtype, "recompute grad_h", rel_err(rc_dh, e_grad @ w64), E2E_TOL[dtype])
+    report.add(p.name, dtype, "recompute grad_weight", rel_err(rc_dw, e_grad.t() @ h64), E2E_TOL[dtype])
+    if p.bias is not None:
+        report.add(p.name, dtype, "recompute grad_bias", rel_err(rc_db, e_grad.sum(0)), E2E_TOL[dtype])
+    report.flag(p.name, dtype, "recompute gradient dtypes", all(t.dtype == dtype for t in (rc_dh, rc_dw)))
 
 
 def check_invalid_target(dtype, report: Report):

@@ -11,9 +11,48 @@
 
 #include <algorithm>
 
+#include "mtlfast/loss_math.h"
 #include "mtlfast/task_table.h"
 
 namespace mtlfast {
+namespace {
+
+// The forward's saved state fits the inputs: row_stats (T, N, 4) and inverse_denominators (T,), in the accumulation
+// dtype, on h's device.
+void check_saved_state(const TaskTable& table, const at::Tensor& row_stats, const at::Tensor& inverse_denominators,
+                       const at::Tensor& h, at::ScalarType acc_dtype) {
+  const int64_t T = table.num_tasks();
+  TORCH_CHECK_VALUE(row_stats.dim() == 3 && row_stats.size(0) == T && row_stats.size(1) == table.rows &&
+                        row_stats.size(2) == kSavedRowStats,
+                    "mtlfast: row_stats must be (T, N, 4) = (", T, ", ", table.rows, ", 4), got ", row_stats.sizes());
+  TORCH_CHECK_VALUE(inverse_denominators.dim() == 1 && inverse_denominators.size(0) == T,
+                    "mtlfast: inverse_denominators must be (T,) = (", T, ",), got ", inverse_denominators.sizes());
+  for (const at::Tensor* saved : {&row_stats, &inverse_denominators}) {
+    TORCH_CHECK_TYPE(saved->scalar_type() == acc_dtype, "mtlfast: the saved row statistics must be ", acc_dtype,
+                     ", got ", saved->scalar_type());
+    TORCH_CHECK_VALUE(saved->device() == h.device(), "mtlfast: the saved row statistics are on ", saved->device(),
+                      " but h is on ", h.device());
+  }
+}
+
+}  // namespace
+
+RecomputeBackwardInputs prepare_recompute_backward(
+    const c10::optional<at::Tensor>& grad_total, const c10::optional<at::Tensor>& grad_losses,
+    const at::Tensor& task_weights, const at::Tensor& h, const at::Tensor& weight,
+    const c10::optional<at::Tensor>& bias, at::TensorList targets, const c10::optional<at::Tensor>& col_weight,
+    const at::Tensor& col_task, const at::Tensor& row_stats, const at::Tensor& inverse_denominators,
+    c10::IntArrayRef kinds, c10::IntArrayRef col_offsets, c10::IntArrayRef class_dims, c10::IntArrayRef ignore_index,
+    c10::ArrayRef<double> params, const std::vector<std::string>& task_names) {
+  PreparedInputs prepared = prepare_multi_task_inputs(h, weight, bias, targets, task_weights, col_weight, col_task,
+                                                      kinds, col_offsets, class_dims, ignore_index, params,
+                                                      task_names);
+  const at::ScalarType acc_dtype = accumulation_dtype(prepared.h.scalar_type());
+  check_saved_state(prepared.table, row_stats, inverse_denominators, prepared.h, acc_dtype);
+  at::Tensor scales =
+      (task_coefficients(grad_total, grad_losses, task_weights, acc_dtype) * inverse_denominators).contiguous();
+  return {std::move(prepared), std::move(scales), row_stats.contiguous()};
+}
 
 void gemm_to_accumulator(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, bool accumulate) {
   if (a.scalar_type() == out.scalar_type()) {

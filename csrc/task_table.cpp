@@ -41,22 +41,6 @@ at::ScalarType accumulation_dtype(at::ScalarType input_dtype) {
   return input_dtype == at::kDouble ? at::kDouble : at::kFloat;
 }
 
-void check_recompute_state(const TaskTable& table, const at::Tensor& row_stats, const at::Tensor& inverse_denominators,
-                           const at::Tensor& h, at::ScalarType acc_dtype) {
-  const int64_t T = table.num_tasks();
-  TORCH_CHECK_VALUE(row_stats.dim() == 3 && row_stats.size(0) == T && row_stats.size(1) == table.rows &&
-                        row_stats.size(2) == 4,
-                    "mtlfast: row_stats must be (T, N, 4) = (", T, ", ", table.rows, ", 4), got ", row_stats.sizes());
-  TORCH_CHECK_VALUE(inverse_denominators.dim() == 1 && inverse_denominators.size(0) == T,
-                    "mtlfast: inverse_denominators must be (T,) = (", T, ",), got ", inverse_denominators.sizes());
-  for (const at::Tensor* saved : {&row_stats, &inverse_denominators}) {
-    TORCH_CHECK_TYPE(saved->scalar_type() == acc_dtype, "mtlfast: the saved row statistics must be ", acc_dtype,
-                     ", got ", saved->scalar_type());
-    TORCH_CHECK_VALUE(saved->device() == h.device(), "mtlfast: the saved row statistics are on ", saved->device(),
-                      " but h is on ", h.device());
-  }
-}
-
 namespace {
 
 // "(4, 3)" / "(4,)": shapes as Python prints them, as the user wrote them.

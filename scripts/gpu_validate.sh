@@ -28,6 +28,8 @@ fi
 # Time-boxed stages, rarest evidence first, so one slow stage cannot eat the lease: the CUDA tests, the CUDA
 # benchmarks one config at a time (each appends its CSV rows), then the rest of the suite.
 timeout "${CUDA_TEST_TIMEOUT:-120}" "$PY" -m pytest tests/test_cuda.py -q -p no:cacheprovider 2>&1 | tee "$OUT/pytest_cuda.txt" | tail -n 15
+timeout "${CUDA_TEST_TIMEOUT:-120}" "$PY" -m pytest tests/test_recompute.py -m cuda -q -p no:cacheprovider 2>&1 \
+  | tee "$OUT/pytest_recompute_cuda.txt" | tail -n 5
 # Kernel-level checks (determinism, graph replay, > 64 tasks, NaN for a bad index) and GPU-only timings.
 timeout "${SELFCHECK_TIMEOUT:-120}" "$PY" benchmarks/cuda_selfcheck.py 2>&1 | tee "$OUT/cuda_selfcheck.txt" | tail -n 25
 for dtype in ${BENCH_DTYPES:-bfloat16 float32}; do

@@ -29,10 +29,10 @@ def _tasks():
 
 
 class Model(nn.Module):
-    def __init__(self, chunk_rows="auto"):
+    def __init__(self, chunk_rows="auto", recompute_logits=None):
         super().__init__()
         self.encoder = nn.Linear(D_IN, D)
-        self.heads = mf.MultiTaskHeads(D, _tasks(), chunk_rows=chunk_rows)
+        self.heads = mf.MultiTaskHeads(D, _tasks(), chunk_rows=chunk_rows, recompute_logits=recompute_logits)
 
     def forward(self, x, targets):
         out = self.heads(torch.tanh(self.encoder(x)), targets)
@@ -53,9 +53,14 @@ def _batch(n=8, seed=0, dtype=torch.float64):
     return x, y
 
 
-def _model(chunk_rows="auto"):
+def _model(chunk_rows="auto", recompute_logits=None):
     torch.manual_seed(0)
-    return Model(chunk_rows).double()
+    return Model(chunk_rows, recompute_logits).double()
+
+
+# (chunk_rows, recompute_logits): the small-head op, the chunked op, the recompute op.
+PATHS = [pytest.param(None, None, id="small"), pytest.param(3, False, id="chunked"),
+         pytest.param(3, True, id="recompute")]
 
 
 def _grads(model):
@@ -74,9 +79,9 @@ def _fresh_dynamo():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("chunk_rows", [None, 3])
-def test_compiled_model_inductor_backward_outside(chunk_rows):
-    eager = _model(chunk_rows)
+@pytest.mark.parametrize("chunk_rows, recompute_logits", PATHS)
+def test_compiled_model_inductor_backward_outside(chunk_rows, recompute_logits):
+    eager = _model(chunk_rows, recompute_logits)
     compiled_model = copy.deepcopy(eager)
     compiled = torch.compile(compiled_model, fullgraph=True, backend="inductor")
     for seed in range(2):  # the second call reuses the compiled graph
@@ -91,9 +96,9 @@ def test_compiled_model_inductor_backward_outside(chunk_rows):
             _assert_same(_grads(compiled_model)[name], g, f"grad {name}")
 
 
-@pytest.mark.parametrize("chunk_rows", [None, 3])
-def test_compiled_train_step_backward_inside(chunk_rows):
-    eager = _model(chunk_rows)
+@pytest.mark.parametrize("chunk_rows, recompute_logits", PATHS)
+def test_compiled_train_step_backward_inside(chunk_rows, recompute_logits):
+    eager = _model(chunk_rows, recompute_logits)
     compiled_model = copy.deepcopy(eager)
 
     def step(model, x, y):
@@ -194,15 +199,21 @@ def test_new_task_weights_values_do_not_recompile():
             _assert_same(compiled(lam), expected, f"total with λ={value}")
 
 
-def test_compiled_dynamic_batch_size():
-    model = _model()
-    compiled = torch.compile(model, fullgraph=True, backend="aot_eager", dynamic=True)
+@pytest.mark.parametrize("chunk_rows, recompute_logits", PATHS)
+def test_compiled_dynamic_batch_size(chunk_rows, recompute_logits):
+    model = _model(chunk_rows, recompute_logits)
+    compiled_model = copy.deepcopy(model)
+    compiled = torch.compile(compiled_model, fullgraph=True, backend="aot_eager", dynamic=True)
     for n in (8, 5, 11):
         x, y = _batch(n, seed=n)
         loss_c, vec_c = compiled(x, y)
         loss_e, vec_e = model(x, y)
         _assert_same(loss_c, loss_e, f"loss n={n}")
         _assert_same(vec_c, vec_e, f"loss vector n={n}")
+        (loss_c + vec_c.square().sum()).backward()
+        (loss_e + vec_e.square().sum()).backward()
+        for name, g in _grads(model).items():
+            _assert_same(_grads(compiled_model)[name], g, f"grad {name} n={n}")
 
 
 def test_compiled_with_absent_task():

@@ -106,25 +106,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> multi_task_loss_recompute_backwar
     c10::IntArrayRef kinds, c10::IntArrayRef col_offsets, c10::IntArrayRef class_dims, c10::IntArrayRef ignore_index,
     c10::ArrayRef<double> params, const std::vector<std::string>& task_names, int64_t block_columns) {
   at::NoGradGuard no_grad;
-  const PreparedInputs prepared = prepare_multi_task_inputs(h_in, weight, bias, targets_in, task_weights, col_weight,
-                                                            col_task, kinds, col_offsets, class_dims, ignore_index,
-                                                            params, task_names);
-  const TaskTable& table = prepared.table;
-  const at::Tensor& h = prepared.h;
-  const at::ScalarType acc_dtype = accumulation_dtype(h.scalar_type());
-  check_recompute_state(table, row_stats, inverse_denominators, h, acc_dtype);
-  const at::Tensor scales =
-      (task_coefficients(grad_total, grad_losses, task_weights, acc_dtype) * inverse_denominators).contiguous();
-  const at::Tensor stats = row_stats.contiguous();
+  const RecomputeBackwardInputs in = prepare_recompute_backward(
+      grad_total, grad_losses, task_weights, h_in, weight, bias, targets_in, col_weight, col_task, row_stats,
+      inverse_denominators, kinds, col_offsets, class_dims, ignore_index, params, task_names);
   const c10::optional<at::Tensor> weights =
       col_weight.has_value() ? c10::optional<at::Tensor>(col_weight->contiguous()) : c10::nullopt;
   const auto block_gradient = [&](at::Tensor& block, int64_t col_begin) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, block.scalar_type(),
                                     "mtlfast::multi_task_loss_recompute_backward (CPU)", [&] {
-      gradient_from_stats<scalar_t>(block, col_begin, table, prepared.targets, weights, stats, scales);
+      gradient_from_stats<scalar_t>(block, col_begin, in.prepared.table, in.prepared.targets, weights, in.row_stats,
+                                    in.scales);
     });
   };
-  auto [grad_h, grad_weight, grad_bias] = recompute_backward(h, weight, bias, block_columns, block_gradient);
+  auto [grad_h, grad_weight, grad_bias] = recompute_backward(in.prepared.h, weight, bias, block_columns,
+                                                             block_gradient);
   return {grad_h.view(h_in.sizes()), grad_weight, grad_bias};
 }
 

@@ -293,17 +293,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> multi_task_loss_recompute_backwar
     c10::IntArrayRef kinds, c10::IntArrayRef col_offsets, c10::IntArrayRef class_dims, c10::IntArrayRef ignore_index,
     c10::ArrayRef<double> params, const std::vector<std::string>& task_names, int64_t block_columns) {
   const c10::cuda::CUDAGuard guard(h_in.device());
-  const PreparedInputs prepared = prepare_multi_task_inputs(h_in, weight, bias, targets_in, task_weights, col_weight,
-                                                            col_task, kinds, col_offsets, class_dims, ignore_index,
-                                                            params, task_names);
-  const TaskTable& table = prepared.table;
-  const at::Tensor& h = prepared.h;
-  const at::ScalarType acc_dtype = accumulation_dtype(h.scalar_type());
-  check_recompute_state(table, row_stats, inverse_denominators, h, acc_dtype);
-  LossPipeline pipeline(table, h, prepared.targets, col_weight);
-  const at::Tensor scales =
-      (task_coefficients(grad_total, grad_losses, task_weights, acc_dtype) * inverse_denominators).contiguous();
-  const at::Tensor stats = row_stats.contiguous();
+  const RecomputeBackwardInputs in = prepare_recompute_backward(
+      grad_total, grad_losses, task_weights, h_in, weight, bias, targets_in, col_weight, col_task, row_stats,
+      inverse_denominators, kinds, col_offsets, class_dims, ignore_index, params, task_names);
+  const LossPipeline pipeline(in.prepared.table, in.prepared.h, in.prepared.targets, col_weight);
 
   const auto block_gradient = [&](at::Tensor& block, int64_t col_begin) {
     cuda::GradientArgs args;
@@ -313,8 +306,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> multi_task_loss_recompute_backwar
     args.col_begin = col_begin;
     args.cols = block.size(1);
     args.col_weight = pipeline.col_weight_ptr();
-    args.row_stats = stats.const_data_ptr();
-    args.scales = scales.const_data_ptr();
+    args.row_stats = in.row_stats.const_data_ptr();
+    args.scales = in.scales.const_data_ptr();
     for (const cuda::TaskBatch& batch : pipeline.batches) {
       const cuda::TaskMeta& last = batch.task[batch.count - 1];
       if (batch.task[0].col_offset < col_begin + args.cols && last.col_offset + last.width > col_begin) {
@@ -322,7 +315,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> multi_task_loss_recompute_backwar
       }
     }
   };
-  auto [grad_h, grad_weight, grad_bias] = recompute_backward(h, weight, bias, block_columns, block_gradient);
+  auto [grad_h, grad_weight, grad_bias] = recompute_backward(in.prepared.h, weight, bias, block_columns,
+                                                             block_gradient);
   return {grad_h.view(h_in.sizes()), grad_weight, grad_bias};
 }
 

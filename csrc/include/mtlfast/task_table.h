@@ -58,11 +58,6 @@ at::Tensor weighted_total(const at::Tensor& losses, const at::Tensor& task_weigh
 at::Tensor task_coefficients(const c10::optional<at::Tensor>& grad_total, const c10::optional<at::Tensor>& grad_losses,
                              const at::Tensor& task_weights, at::ScalarType acc_dtype);
 
-// multi_task_loss_recompute_backward: the forward's saved state fits the inputs (row_stats (T, N, 4) and
-// inverse_denominators (T,), in the accumulation dtype, on h's device).
-void check_recompute_state(const TaskTable& table, const at::Tensor& row_stats, const at::Tensor& inverse_denominators,
-                           const at::Tensor& h, at::ScalarType acc_dtype);
-
 // The dtype losses and dense targets use: float64 for float64 inputs, float32 otherwise.
 at::ScalarType accumulation_dtype(at::ScalarType input_dtype);
 
