@@ -155,6 +155,36 @@ at::Tensor head_logits(const at::Tensor& h, const at::Tensor& weight, const c10:
   return bias.has_value() ? at::addmm(*bias, h, weight.t()) : at::mm(h, weight.t());
 }
 
+// The large-head ops' forward loop: the denominators over the whole batch, then per chunk of rows the chunk's logits
+// z = h Wᵀ + b in a reused buffer, the segment pass (z then holds the chunk's logit gradient), and
+// after_chunk(z, h_chunk, first_row). Chunks start at multiples of cuda::kRowAlignment (the loss partial slots cover
+// aligned row groups); the buffer's rows are padded to 16 bytes: with an odd S (e.g. 32000 + 5 + 1 classes) cuBLAS
+// would otherwise fall back to slower kernels for every GEMM that touches the chunk's logits.
+template <typename AfterChunk>
+void for_each_logits_chunk(LossPipeline& pipeline, const at::Tensor& h, const at::Tensor& weight,
+                           const c10::optional<at::Tensor>& bias, int64_t chunk_rows, const AfterChunk& after_chunk) {
+  TORCH_CHECK_VALUE(chunk_rows > 0, "mtlfast: chunk_rows must be positive, got ", chunk_rows);
+  const int64_t N = h.size(0);
+  const int64_t S = weight.size(0);
+  const int64_t chunk = std::min(N, (chunk_rows + cuda::kRowAlignment - 1) / cuda::kRowAlignment * cuda::kRowAlignment);
+  const int64_t row_align = 16 / h.element_size();
+  const int64_t ld = (S + row_align - 1) / row_align * row_align;
+  at::Tensor logits_buffer = at::empty({chunk, ld}, h.options());
+  pipeline.compute_denominators();
+  for (int64_t begin = 0; begin < N; begin += chunk) {
+    const int64_t rows = std::min(chunk, N - begin);
+    const at::Tensor h_chunk = h.narrow(0, begin, rows);
+    at::Tensor z = logits_buffer.narrow(0, 0, rows).narrow(1, 0, S);
+    if (bias.has_value()) {
+      at::addmm_out(z, *bias, h_chunk, weight.t());
+    } else {
+      at::mm_out(z, h_chunk, weight.t());
+    }
+    pipeline.segment_losses(z, z, begin);
+    after_chunk(z, h_chunk, begin);
+  }
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> multi_task_loss_cuda(
     const at::Tensor& h_in, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
     at::TensorList targets_in, const at::Tensor& task_weights, const c10::optional<at::Tensor>& col_weight,
@@ -189,7 +219,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> multi_tas
   const PreparedInputs prepared = prepare_multi_task_inputs(h_in, weight, bias, targets_in, task_weights, col_weight,
                                                             col_task, kinds, col_offsets, class_dims, ignore_index,
                                                             params, task_names);
-  TORCH_CHECK_VALUE(chunk_rows > 0, "mtlfast: chunk_rows must be positive, got ", chunk_rows);
   const TaskTable& table = prepared.table;
   const at::Tensor& h = prepared.h;
   LossPipeline pipeline(table, h, prepared.targets, col_weight);
@@ -198,35 +227,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> multi_tas
   const int64_t D = table.features;
   const int64_t S = table.columns;
   const int64_t T = table.num_tasks();
-  // Chunks start at multiples of cuda::kRowAlignment (the loss partial slots cover aligned row groups).
-  const int64_t chunk = std::min(N, (chunk_rows + cuda::kRowAlignment - 1) / cuda::kRowAlignment * cuda::kRowAlignment);
   const auto acc_options = h.options().dtype(accumulation_dtype(h.scalar_type()));
 
   at::Tensor grad_h_per_task = at::empty({T, N, D}, acc_options);
   at::Tensor grad_weight = at::empty({S, D}, acc_options);  // the first chunk's GEMM overwrites it
   at::Tensor grad_bias = bias.has_value() ? at::zeros({S}, acc_options) : at::empty({0}, acc_options);
-  // Rows padded to 16 bytes: with an odd S (e.g. 32000 + 5 + 1 classes) cuBLAS would otherwise fall back to
-  // slower kernels for all three GEMMs that touch the chunk's logits.
-  const int64_t row_align = 16 / h.element_size();
-  const int64_t ld = (S + row_align - 1) / row_align * row_align;
-  at::Tensor logits_buffer = at::empty({chunk, ld}, h.options());
   for (int64_t t = 0; t < T; ++t) {
     if (table.kinds[t] == kNone) {
       grad_h_per_task.select(0, t).zero_();
     }
   }
 
-  pipeline.compute_denominators();
-  for (int64_t begin = 0; begin < N; begin += chunk) {
-    const int64_t rows = std::min(chunk, N - begin);
-    const at::Tensor h_chunk = h.narrow(0, begin, rows);
-    at::Tensor z = logits_buffer.narrow(0, 0, rows).narrow(1, 0, S);
-    if (bias.has_value()) {
-      at::addmm_out(z, *bias, h_chunk, weight.t());
-    } else {
-      at::mm_out(z, h_chunk, weight.t());
-    }
-    pipeline.segment_losses(z, z, begin);  // z now holds the logit gradient of the chunk
+  for_each_logits_chunk(pipeline, h, weight, bias, chunk_rows, [&](const at::Tensor& z, const at::Tensor& h_chunk,
+                                                                   int64_t begin) {
+    const int64_t rows = z.size(0);
     gemm_to_accumulator(grad_weight, z.t(), h_chunk, /*accumulate=*/begin > 0);
     if (bias.has_value()) {
       grad_bias.add_(z.sum(0, /*keepdim=*/false, grad_bias.scalar_type()));
@@ -240,7 +254,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> multi_tas
       at::Tensor out = grad_h_per_task.select(0, t).narrow(0, begin, rows);
       gemm_to_accumulator(out, z.narrow(1, offset, width), weight.narrow(0, offset, width), /*accumulate=*/false);
     }
-  }
+  });
   const at::Tensor losses = pipeline.finalize();
   return {weighted_total(losses, prepared.task_weights), losses, grad_h_per_task, grad_weight, grad_bias};
 }
@@ -257,30 +271,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> multi_task_loss_recom
   const PreparedInputs prepared = prepare_multi_task_inputs(h_in, weight, bias, targets_in, task_weights, col_weight,
                                                             col_task, kinds, col_offsets, class_dims, ignore_index,
                                                             params, task_names);
-  TORCH_CHECK_VALUE(chunk_rows > 0, "mtlfast: chunk_rows must be positive, got ", chunk_rows);
-  const TaskTable& table = prepared.table;
-  const at::Tensor& h = prepared.h;
-  LossPipeline pipeline(table, h, prepared.targets, col_weight);
+  LossPipeline pipeline(prepared.table, prepared.h, prepared.targets, col_weight);
   pipeline.save_row_stats();
-
-  const int64_t N = table.rows;
-  const int64_t S = table.columns;
-  const int64_t chunk = std::min(N, (chunk_rows + cuda::kRowAlignment - 1) / cuda::kRowAlignment * cuda::kRowAlignment);
-  const int64_t row_align = 16 / h.element_size();
-  const int64_t ld = (S + row_align - 1) / row_align * row_align;
-  at::Tensor logits_buffer = at::empty({chunk, ld}, h.options());
-  pipeline.compute_denominators();
-  for (int64_t begin = 0; begin < N; begin += chunk) {
-    const int64_t rows = std::min(chunk, N - begin);
-    at::Tensor z = logits_buffer.narrow(0, 0, rows).narrow(1, 0, S);
-    const at::Tensor h_chunk = h.narrow(0, begin, rows);
-    if (bias.has_value()) {
-      at::addmm_out(z, *bias, h_chunk, weight.t());
-    } else {
-      at::mm_out(z, h_chunk, weight.t());
-    }
-    pipeline.segment_losses(z, z, begin);
-  }
+  for_each_logits_chunk(pipeline, prepared.h, weight, bias, chunk_rows,
+                        [](const at::Tensor&, const at::Tensor&, int64_t) {});
   const at::Tensor losses = pipeline.finalize();
   return {weighted_total(losses, prepared.task_weights), losses, pipeline.row_stats, pipeline.inverse_denominators};
 }
