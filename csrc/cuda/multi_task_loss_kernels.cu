@@ -863,22 +863,23 @@ __global__ void __launch_bounds__(kFinalizeThreads)
 // the batch that meet the block's columns in turn, each over its columns there. Per element only, so the values do
 // not depend on where the column blocks start.
 
+// Each of these visits the n columns of its task in the block with for_each_in_segment (16-byte accesses on the
+// aligned body), reading the logit and writing its gradient in place.
 template <int64_t kKind, typename scalar_t>
 __device__ __forceinline__ void dense_gradient(const TaskMeta& task, const GradientArgs& args, int64_t row,
                                                int64_t first_class, int64_t n, scalar_t* z,
                                                typename ScalarTraits<scalar_t>::acc_t scale) {
-  using T = ScalarTraits<scalar_t>;
-  using acc_t = typename T::acc_t;
+  using acc_t = typename ScalarTraits<scalar_t>::acc_t;
   const acc_t* y = static_cast<const acc_t*>(task.target) + row * task.width + first_class;
   const acc_t* pos_weight = args.col_weight != nullptr
                                 ? static_cast<const acc_t*>(args.col_weight) + task.col_offset + first_class
                                 : nullptr;
   const acc_t task_param = acc_t(task.param);
-  for (int64_t c = threadIdx.x; c < n; c += blockDim.x) {
+  for_each_in_segment<true, true>(z, z, n, [&](int64_t c, acc_t logit) {
     acc_t grad;
-    dense_element<kKind>(T::to_acc(z[c]), y[c], dense_param<kKind>(pos_weight, c, task_param), scale, &grad);
-    z[c] = T::from_acc(grad);
-  }
+    dense_element<kKind>(logit, y[c], dense_param<kKind>(pos_weight, c, task_param), scale, &grad);
+    return grad;
+  });
 }
 
 template <typename scalar_t>
@@ -893,42 +894,37 @@ template <typename scalar_t>
 __device__ __forceinline__ void cross_entropy_gradient(const TaskMeta& task, const GradientArgs& args, int64_t row,
                                                        int64_t first_class, int64_t n, scalar_t* z,
                                                        typename ScalarTraits<scalar_t>::acc_t scale) {
-  using T = ScalarTraits<scalar_t>;
-  using acc_t = typename T::acc_t;
+  using acc_t = typename ScalarTraits<scalar_t>::acc_t;
   const SavedCrossEntropyRow<acc_t> saved = saved_cross_entropy_row(saved_row<scalar_t>(task, args, row));
   const int64_t y = static_cast<const int64_t*>(task.target)[row];
   const acc_t smoothing = acc_t(task.param);
   const acc_t* class_weight = args.col_weight != nullptr
                                   ? static_cast<const acc_t*>(args.col_weight) + task.col_offset
                                   : nullptr;
-  for (int64_t c = threadIdx.x; c < n; c += blockDim.x) {
+  for_each_in_segment<true, true>(z, z, n, [&](int64_t c, acc_t logit) {
     const int64_t k = first_class + c;
-    const acc_t grad = saved_cross_entropy_grad(saved, T::to_acc(z[c]), k == y,
-                                                smoothing_class_weight(class_weight, k, smoothing));
-    z[c] = T::from_acc(grad * scale);
-  }
+    return saved_cross_entropy_grad(saved, logit, k == y, smoothing_class_weight(class_weight, k, smoothing)) * scale;
+  });
 }
 
 template <typename scalar_t>
 __device__ __forceinline__ void distillation_gradient(const TaskMeta& task, const GradientArgs& args, int64_t row,
                                                       int64_t first_class, int64_t n, scalar_t* z,
                                                       typename ScalarTraits<scalar_t>::acc_t scale) {
-  using T = ScalarTraits<scalar_t>;
-  using acc_t = typename T::acc_t;
+  using acc_t = typename ScalarTraits<scalar_t>::acc_t;
   const SavedDistillationRow<acc_t> saved =
       saved_distillation_row(acc_t(task.param), saved_row<scalar_t>(task, args, row));
   const bool from_logits = distillation_targets_are_logits(task.kind);
   const acc_t* y = static_cast<const acc_t*>(task.target) + row * task.width + first_class;
-  for (int64_t c = threadIdx.x; c < n; c += blockDim.x) {
-    z[c] = T::from_acc(saved_distillation_grad(saved, from_logits, T::to_acc(z[c]), y[c]) * scale);
-  }
+  for_each_in_segment<true, true>(z, z, n, [&](int64_t c, acc_t logit) {
+    return saved_distillation_grad(saved, from_logits, logit, y[c]) * scale;
+  });
 }
 
 template <typename scalar_t>
 __global__ void __launch_bounds__(kGradientThreads)
     gradient_from_stats_kernel(const __grid_constant__ TaskBatch batch, const __grid_constant__ GradientArgs args) {
-  using T = ScalarTraits<scalar_t>;
-  using acc_t = typename T::acc_t;
+  using acc_t = typename ScalarTraits<scalar_t>::acc_t;
   const int64_t row = blockIdx.x;
   scalar_t* block_row = static_cast<scalar_t*>(args.block) + row * args.ld;
   const acc_t* scales = static_cast<const acc_t*>(args.scales);
@@ -966,9 +962,7 @@ __global__ void __launch_bounds__(kGradientThreads)
         distillation_gradient(task, args, row, first_class, n, z, scale);
         break;
       default:  // kNone
-        for (int64_t c = threadIdx.x; c < n; c += blockDim.x) {
-          z[c] = T::from_acc(acc_t(0));
-        }
+        zero_segment(z, n);
         break;
     }
   }
