@@ -513,7 +513,7 @@ def multi_task_loss_recompute_backward(grad_total, grad_losses, task_weights, h_
 
 
 def _check_recompute_state(T, N, row_stats, inverse_denominators, h, acc) -> None:
-    """The forward's saved state fits the inputs (csrc/task_table.cpp's check_recompute_state, same messages)."""
+    """The forward's saved state fits the inputs (csrc/recompute_backward.cpp's check_saved_state, same messages)."""
     if row_stats.dim() != 3 or tuple(row_stats.shape) != (T, N, 4):
         raise ValueError(f"mtlfast: row_stats must be (T, N, 4) = ({T}, {N}, 4), got {list(row_stats.shape)}")
     if tuple(inverse_denominators.shape) != (T,):

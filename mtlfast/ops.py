@@ -324,22 +324,23 @@ def multi_task_loss_eager(spec, h, weight, bias, targets, task_weights, col_weig
     )
 
 
+def _op_or_eager_function(op, function, args):
+    # Under torch.compile the registered autograd formula is what traces; without grad mode nothing is recorded.
+    if torch.compiler.is_compiling() or not torch.is_grad_enabled():
+        return op(*args)
+    return function.apply(*args)
+
+
 def multi_task_loss(*args):
     """``torch.ops.mtlfast.multi_task_loss`` with the eager fast path (same arguments and outputs)."""
-    if torch.compiler.is_compiling() or not torch.is_grad_enabled():
-        return _ops.multi_task_loss(*args)
-    return _MultiTaskLoss.apply(*args)
+    return _op_or_eager_function(_ops.multi_task_loss, _MultiTaskLoss, args)
 
 
 def multi_task_loss_chunked(*args):
     """``torch.ops.mtlfast.multi_task_loss_chunked`` with the eager fast path (same arguments and outputs)."""
-    if torch.compiler.is_compiling() or not torch.is_grad_enabled():
-        return _ops.multi_task_loss_chunked(*args)
-    return _MultiTaskLossChunked.apply(*args)
+    return _op_or_eager_function(_ops.multi_task_loss_chunked, _MultiTaskLossChunked, args)
 
 
 def multi_task_loss_recompute(*args):
     """``torch.ops.mtlfast.multi_task_loss_recompute`` with the eager fast path (same arguments and outputs)."""
-    if torch.compiler.is_compiling() or not torch.is_grad_enabled():
-        return _ops.multi_task_loss_recompute(*args)
-    return _MultiTaskLossRecompute.apply(*args)
+    return _op_or_eager_function(_ops.multi_task_loss_recompute, _MultiTaskLossRecompute, args)

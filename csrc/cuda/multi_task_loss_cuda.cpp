@@ -43,27 +43,20 @@ cuda::InputDType kernel_dtype(at::ScalarType type) {
   return cuda::InputDType::kBFloat16;
 }
 
-// The validated inputs of one op call, in the layout the kernels read, plus the device buffers the loss pipeline
-// (denominators -> segment losses, per row chunk -> finalize) shares.
-struct LossPipeline {
+// The validated inputs of one op call in the layout the kernels read: the task metadata in launch groups, the
+// targets and column weights they point into, the stream.
+struct KernelTasks {
   cuda::InputDType dtype;
   int64_t rows;
   std::vector<at::Tensor> targets;  // contiguous; kept alive until the kernels are enqueued
   c10::optional<at::Tensor> col_weight;
   std::vector<cuda::TaskBatch> batches;
-  at::Tensor denominator_parts;  // (T, kMaxDenominatorSlots)
-  int32_t denominator_slots;
-  at::Tensor loss_parts;  // (T, N)
-  at::Tensor losses;      // (T,)
-  at::Tensor row_stats;   // (T, N, kRowStatsWidth) when save_row_stats() was called, else undefined
-  at::Tensor inverse_denominators;  // (T,) likewise
   cudaStream_t stream;
 
-  LossPipeline(const TaskTable& table, const at::Tensor& h, at::TensorList targets_in,
-               const c10::optional<at::Tensor>& col_weight_in)
+  KernelTasks(const TaskTable& table, const at::Tensor& h, at::TensorList targets_in,
+              const c10::optional<at::Tensor>& col_weight_in)
       : dtype(kernel_dtype(h.scalar_type())),
         rows(table.rows),
-        denominator_slots(cuda::denominator_slots(table.rows)),
         stream(c10::cuda::getCurrentCUDAStream(h.device().index()).stream()) {
     const int64_t T = table.num_tasks();
     TORCH_CHECK_VALUE(table.rows <= std::numeric_limits<int32_t>::max(),
@@ -93,13 +86,30 @@ struct LossPipeline {
       }
       batches.push_back(batch);
     }
+  }
+
+  const void* col_weight_ptr() const { return col_weight.has_value() ? col_weight->const_data_ptr() : nullptr; }
+};
+
+// KernelTasks plus the device buffers the loss pipeline (denominators -> segment losses, per row chunk -> finalize)
+// shares.
+struct LossPipeline : KernelTasks {
+  at::Tensor denominator_parts;  // (T, kMaxDenominatorSlots)
+  int32_t denominator_slots;
+  at::Tensor loss_parts;  // (T, N)
+  at::Tensor losses;      // (T,)
+  at::Tensor row_stats;   // (T, N, kRowStatsWidth) when save_row_stats() was called, else undefined
+  at::Tensor inverse_denominators;  // (T,) likewise
+
+  LossPipeline(const TaskTable& table, const at::Tensor& h, at::TensorList targets_in,
+               const c10::optional<at::Tensor>& col_weight_in)
+      : KernelTasks(table, h, targets_in, col_weight_in), denominator_slots(cuda::denominator_slots(table.rows)) {
+    const int64_t T = table.num_tasks();
     const auto acc_options = h.options().dtype(accumulation_dtype(h.scalar_type()));
     denominator_parts = at::empty({T, cuda::kMaxDenominatorSlots}, acc_options);
     loss_parts = at::empty({T, table.rows}, acc_options);
     losses = at::empty({T}, acc_options);
   }
-
-  const void* col_weight_ptr() const { return col_weight.has_value() ? col_weight->const_data_ptr() : nullptr; }
 
   // multi_task_loss_recompute: the segment pass also saves each softmax row's statistics (zeros for the rows of
   // other kinds), and finalize the inverse denominators.
@@ -290,7 +300,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> multi_task_loss_recompute_backwar
   const RecomputeBackwardInputs in = prepare_recompute_backward(
       grad_total, grad_losses, task_weights, h_in, weight, bias, targets_in, col_weight, col_task, row_stats,
       inverse_denominators, kinds, col_offsets, class_dims, ignore_index, params, task_names);
-  const LossPipeline pipeline(in.prepared.table, in.prepared.h, in.prepared.targets, col_weight);
+  const KernelTasks tasks(in.prepared.table, in.prepared.h, in.prepared.targets, col_weight);
 
   const auto block_gradient = [&](at::Tensor& block, int64_t col_begin) {
     cuda::GradientArgs args;
@@ -299,13 +309,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> multi_task_loss_recompute_backwar
     args.ld = block.stride(0);
     args.col_begin = col_begin;
     args.cols = block.size(1);
-    args.col_weight = pipeline.col_weight_ptr();
+    args.col_weight = tasks.col_weight_ptr();
     args.row_stats = in.row_stats.const_data_ptr();
     args.scales = in.scales.const_data_ptr();
-    for (const cuda::TaskBatch& batch : pipeline.batches) {
+    for (const cuda::TaskBatch& batch : tasks.batches) {
       const cuda::TaskMeta& last = batch.task[batch.count - 1];
       if (batch.task[0].col_offset < col_begin + args.cols && last.col_offset + last.width > col_begin) {
-        C10_CUDA_CHECK(cuda::launch_gradient_from_stats(pipeline.dtype, batch, args, pipeline.stream));
+        C10_CUDA_CHECK(cuda::launch_gradient_from_stats(tasks.dtype, batch, args, tasks.stream));
       }
     }
   };
