@@ -1,6 +1,7 @@
 // Every op schema of mtlfast, defined once, plus the pybind11 module `mtlfast._C` (build information).
-// Kernels register per dispatch key in csrc/cpu/ and csrc/cuda/; the backward ops are composite (ATen calls)
-// and registered in csrc/multi_task_loss_backward.cpp; fake kernels and autograd live in mtlfast/ops.py.
+// Kernels register per dispatch key in csrc/cpu/ and csrc/cuda/; the device-generic ops (the chunked backward,
+// per_task_input_grads) are compositions of ATen calls in csrc/composite_ops.cpp; fake kernels and autograd live in
+// mtlfast/ops.py.
 //
 // Argument conventions shared by the forward ops (T tasks, S = Σ_t C_t packed head columns, N rows, D features):
 //   h            (..., D) floating; fp32 / fp64 / bf16 / fp16. Its leading dims are the batch shape B, N = |B|

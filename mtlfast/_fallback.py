@@ -2,7 +2,8 @@
 
 Same semantics and outputs as the C++/CUDA kernels (see csrc/registration.cpp), vectorised by loss kind rather
 than looping over tasks: all element-wise columns (BCE / MSE / L1 / Huber) in one pass, cross-entropy tasks
-batched by class count, distillation tasks by target form and class count. The backward ops mirror csrc/multi_task_loss_backward.cpp.
+batched by class count, distillation tasks by target form and class count. The backward ops mirror the kernels'
+(csrc/cpu/multi_task_loss_backward_cpu.cpp, csrc/composite_ops.cpp).
 """
 
 from __future__ import annotations

@@ -197,6 +197,47 @@ def test_out_of_range_class_index_gives_nan_for_that_task(chunk_rows):
     assert float(torch.ones(2, device=DEVICE).sum()) == 2.0
 
 
+@pytest.mark.parametrize("used", ["total", "losses", "both"])
+@pytest.mark.parametrize("dtype", [torch.float64, *LOW_PRECISION], ids=str)
+def test_backward_op_against_its_formula(dtype, used):
+    """multi_task_loss_backward's kernel: dz = g · c[col_task] + (logits' gradient), c = dTotal·λ + dL, then
+    dh = dz W, dW = dzᵀ h, db = Σ_rows dz. Incoming gradients as autograd may pass them: an expanded (stride 0)
+    dL and a transposed logits gradient."""
+    T, N, D, S = 3, 37, 6, 9
+    col_task = torch.tensor([0, 0, 1, 2, 2, 2, 2, 1, 0])
+    rounded = [torch.randn(shape).to(dtype) for shape in ((N, S), (N, D), (S, D), (S, N))]
+    g, h, weight, logits_grad_t = rounded
+    lam = torch.tensor([0.5, 2.0, 1.25], dtype=torch.float64)
+    grad_total = torch.tensor(0.75, dtype=torch.float64) if used != "losses" else None
+    grad_losses = torch.tensor(1.5, dtype=torch.float64).expand(T) if used != "total" else None
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    on_device = lambda t, cast=acc: None if t is None else t.to(device=DEVICE, dtype=cast)  # noqa: E731
+    grad_h, grad_weight, grad_bias = torch.ops.mtlfast.multi_task_loss_backward(
+        on_device(grad_total), on_device(grad_losses), on_device(lam), on_device(logits_grad_t, dtype).t(),
+        on_device(g, dtype), on_device(h, dtype), on_device(weight, dtype), col_task.to(DEVICE), True)
+
+    c = torch.zeros(T, dtype=torch.float64)
+    c = c + (lam * grad_total if grad_total is not None else 0) + (grad_losses if grad_losses is not None else 0)
+    dz = g.double() * c[col_task] + logits_grad_t.double().t()
+    assert grad_h.dtype == grad_weight.dtype == grad_bias.dtype == dtype
+    assert_close(grad_h, dz @ weight.double(), dtype, "grad_h")
+    assert_close(grad_weight, dz.t() @ h.double(), dtype, "grad_weight")
+    assert_close(grad_bias, dz.sum(0), dtype, "grad_bias")
+
+
+def test_backward_op_bad_column_task_gives_nan_not_a_read_out_of_bounds():
+    """col_task is built by the Python layer; a wrong entry (a task index ≥ T) must not index the (T,) vectors."""
+    S, N, D = 4, 5, 3
+    g, h, weight = torch.randn(N, S, dtype=torch.float64), torch.randn(N, D, dtype=torch.float64), torch.randn(S, D, dtype=torch.float64)
+    col_task = torch.tensor([0, 1, 7, 1])
+    _, grad_weight, grad_bias = torch.ops.mtlfast.multi_task_loss_backward(
+        torch.tensor(1.0, dtype=torch.float64, device=DEVICE), None, torch.ones(2, dtype=torch.float64, device=DEVICE),
+        None, g.to(DEVICE), h.to(DEVICE), weight.to(DEVICE), col_task.to(DEVICE), True)
+    bad = col_task >= 2
+    assert torch.isnan(grad_weight.cpu()[bad]).all() and torch.isfinite(grad_weight.cpu()[~bad]).all()
+    assert torch.isnan(grad_bias.cpu()[bad]).all() and torch.isfinite(grad_bias.cpu()[~bad]).all()
+
+
 def _graph_inputs():
     tasks = [mf.Classification("topic", num_classes=5, label_smoothing=0.1), mf.Binary("spam"), mf.Regression("r", dim=2)]
     case = make_case(12, tasks, batch_shape=(32,), features=16)

@@ -1,6 +1,5 @@
-// CPU kernel of multi_task_loss_backward (the composite one, csrc/multi_task_loss_backward.cpp, serves the other
-// devices; same formulas). One pass over the (N, S) logit gradient, in blocks of rows, applies the per-task
-// coefficients,
+// CPU kernel of multi_task_loss_backward (the CUDA one, in csrc/cuda/multi_task_loss_cuda.cpp, has the same
+// formulas). One pass over the (N, S) logit gradient, in blocks of rows, applies the per-task coefficients,
 //   dz = grad_logits · c[col_task] (+ the gradient of the logits output),
 // and sums its columns (the bias gradient) on the way; then dh = dz W and dW = dzᵀ h are two plain GEMMs. With
 // small heads this replaces half a dozen ATen calls on (S, D) and (N, S) tensors (~100 us per S1 step) by one

@@ -1,5 +1,5 @@
-// CUDA implementations of multi_task_loss and multi_task_loss_chunked (semantics: csrc/registration.cpp and
-// DESIGN.md §2). Tensor checks, allocation and the GEMMs (cuBLAS through ATen) live here; the loss kernels live in
+// CUDA implementations of multi_task_loss and its backward, multi_task_loss_chunked and the recompute pair
+// (semantics: csrc/registration.cpp and DESIGN.md §2). Tensor checks, allocation and the GEMMs (cuBLAS through ATen) live here; the loss kernels live in
 // multi_task_loss_kernels.cu, which is kept free of torch headers (they would multiply its compile time).
 //
 // Everything runs on the current stream without a host sync: losses stay on the device, and a class index out of
@@ -269,6 +269,77 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> multi_tas
   return {weighted_total(losses, prepared.task_weights), losses, grad_h_per_task, grad_weight, grad_bias};
 }
 
+// The backward of multi_task_loss: one kernel turns the saved logit gradient into dz (the per-task coefficients
+// c_t = dTotal·λ_t + dL_t applied per column, plus the logits output's gradient when it was used), then the linear
+// layer's backward on it, as PyTorch runs it: dh = dz W, dW = dzᵀ h, db = Σ_rows dz (fp32 accumulation inside the
+// reduction for half types). Four launches whatever T; the coefficients never leave the device.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> multi_task_loss_backward_cuda(
+    const c10::optional<at::Tensor>& grad_total, const c10::optional<at::Tensor>& grad_losses,
+    const at::Tensor& task_weights, const c10::optional<at::Tensor>& grad_logits_output, const at::Tensor& grad_logits,
+    const at::Tensor& h_in, const at::Tensor& weight, const at::Tensor& col_task, bool has_bias) {
+  const c10::cuda::CUDAGuard guard(h_in.device());
+  at::NoGradGuard no_grad;  // implementation steps, as in the forward
+  const at::Tensor h = h_in.reshape({-1, h_in.size(-1)});
+  const at::ScalarType acc = accumulation_dtype(h.scalar_type());
+  const int64_t N = h.size(0);
+  const int64_t S = weight.size(0);
+  const int64_t T = task_weights.numel();
+  TORCH_CHECK_VALUE(grad_logits.dim() == 2 && grad_logits.size(0) == N && grad_logits.size(1) == S,
+                    "mtlfast: grad_logits must be (N, S) = (", N, ", ", S, "), got ", grad_logits.sizes());
+  TORCH_CHECK_VALUE(col_task.numel() == S, "mtlfast: col_task must have S = ", S, " entries, got ", col_task.numel());
+  TORCH_CHECK_TYPE(col_task.scalar_type() == at::kLong, "mtlfast: col_task must be int64, got ",
+                   col_task.scalar_type());
+  TORCH_CHECK_TYPE(grad_logits.scalar_type() == h.scalar_type(), "mtlfast: grad_logits must have h's dtype ",
+                   h.scalar_type(), ", got ", grad_logits.scalar_type());
+  const bool with_total = grad_total.has_value() && grad_total->defined();
+  const bool with_losses = grad_losses.has_value() && grad_losses->defined();
+  const bool with_output_grad = grad_logits_output.has_value() && grad_logits_output->defined();
+  // Conversions are no-ops for the tensors autograd passes (the accumulation dtype, contiguous).
+  const at::Tensor g = grad_logits.stride(1) == 1 ? grad_logits : grad_logits.contiguous();
+  const at::Tensor weights = task_weights.to(acc).contiguous();
+  const at::Tensor columns = col_task.contiguous();
+  at::Tensor d_total, d_losses, extra;
+  if (with_total) {
+    TORCH_CHECK_VALUE(grad_total->numel() == 1, "mtlfast: grad_total must hold one value, got shape ",
+                      grad_total->sizes());
+    d_total = grad_total->to(acc).contiguous();
+  }
+  if (with_losses) {
+    TORCH_CHECK_VALUE(grad_losses->dim() == 1 && grad_losses->size(0) == T, "mtlfast: grad_losses must be (T,) = (",
+                      T, ",), got ", grad_losses->sizes());
+    d_losses = grad_losses->to(acc);  // strided: an expanded gradient is read in place
+  }
+  if (with_output_grad) {
+    TORCH_CHECK_VALUE(grad_logits_output->sizes() == grad_logits.sizes(),
+                      "mtlfast: the logits' gradient must be (N, S) = (", N, ", ", S, "), got ",
+                      grad_logits_output->sizes());
+    extra = grad_logits_output->to(h.scalar_type());  // strided, likewise
+  }
+
+  at::Tensor dz = at::empty({N, S}, h.options());
+  cuda::LogitGradientArgs args;
+  args.grad_logits = g.const_data_ptr();
+  args.rows = N;
+  args.cols = S;
+  args.ld = g.stride(0);
+  args.extra_grad = extra.defined() ? extra.const_data_ptr() : nullptr;
+  args.extra_row_stride = extra.defined() ? extra.stride(0) : 0;
+  args.extra_col_stride = extra.defined() ? extra.stride(1) : 0;
+  args.col_task = columns.const_data_ptr<int64_t>();
+  args.tasks = T;
+  args.task_weights = weights.const_data_ptr();
+  args.grad_total = d_total.defined() ? d_total.const_data_ptr() : nullptr;
+  args.grad_losses = d_losses.defined() ? d_losses.const_data_ptr() : nullptr;
+  args.grad_losses_stride = d_losses.defined() ? d_losses.stride(0) : 0;
+  args.dz = dz.mutable_data_ptr();
+  C10_CUDA_CHECK(cuda::launch_scale_logit_gradient(kernel_dtype(h.scalar_type()), args,
+                                                   c10::cuda::getCurrentCUDAStream(h.device().index()).stream()));
+  at::Tensor grad_h = dz.mm(weight);
+  at::Tensor grad_weight = dz.t().mm(h);
+  at::Tensor grad_bias = has_bias ? dz.sum(0) : at::empty({0}, h.options());
+  return {grad_h.view(h_in.sizes()), grad_weight, grad_bias};
+}
+
 // The forward of the recompute path: the chunked op's row chunks without any gradient GEMM; the segment pass still
 // writes each chunk's logit gradient over its logits (one pass, as in the other ops; the chunk buffer is scratch).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> multi_task_loss_recompute_cuda(
@@ -325,11 +396,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> multi_task_loss_recompute_backwar
 }
 
 static_assert(std::is_same_v<decltype(multi_task_loss_cuda), MultiTaskLossKernel>);
+static_assert(std::is_same_v<decltype(multi_task_loss_backward_cuda), MultiTaskLossBackwardKernel>);
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(mtlfast, MTLFAST_CUDA_DISPATCH_KEY, m) {
   m.impl("multi_task_loss", &multi_task_loss_cuda);
+  m.impl("multi_task_loss_backward", &multi_task_loss_backward_cuda);
   m.impl("multi_task_loss_chunked", &multi_task_loss_chunked_cuda);
   m.impl("multi_task_loss_recompute", &multi_task_loss_recompute_cuda);
   m.impl("multi_task_loss_recompute_backward", &multi_task_loss_recompute_backward_cuda);

@@ -41,6 +41,9 @@ constexpr int kDenominatorWarps = kDenominatorThreads / kWarpSize;
 constexpr int kFinalizeThreads = 1024;
 constexpr int kFinalizeWarps = kFinalizeThreads / kWarpSize;
 constexpr int kGradientThreads = 256;
+constexpr int kScaleThreads = 256;
+// Enough blocks to fill the device for the (small-head) sizes this kernel sees; larger ones loop.
+constexpr int64_t kMaxScaleBlocks = 4096;
 constexpr int64_t kMinRowsPerDenominatorSlot = 128;
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -968,6 +971,44 @@ __global__ void __launch_bounds__(kGradientThreads)
   }
 }
 
+// multi_task_loss's backward: one element of dz per thread (grid-stride). Head columns are few next to rows, so the
+// coefficient is recomputed per element from cached (T,) vectors rather than staged.
+template <typename scalar_t>
+__global__ void __launch_bounds__(kScaleThreads)
+    scale_logit_gradient_kernel(const __grid_constant__ LogitGradientArgs args) {
+  using Traits = ScalarTraits<scalar_t>;
+  using acc_t = typename Traits::acc_t;
+  const scalar_t* grad = static_cast<const scalar_t*>(args.grad_logits);
+  const scalar_t* extra = static_cast<const scalar_t*>(args.extra_grad);
+  const acc_t* task_weights = static_cast<const acc_t*>(args.task_weights);
+  const acc_t* grad_losses = static_cast<const acc_t*>(args.grad_losses);
+  scalar_t* dz = static_cast<scalar_t*>(args.dz);
+  const acc_t d_total = args.grad_total != nullptr ? *static_cast<const acc_t*>(args.grad_total) : acc_t(0);
+  const int64_t count = args.rows * args.cols;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t index = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; index < count; index += stride) {
+    const int64_t row = index / args.cols;
+    const int64_t col = index - row * args.cols;
+    const int64_t task = args.col_task[col];
+    acc_t c = acc_t(0);
+    if (task < 0 || task >= args.tasks) {
+      c = acc_t(NAN);
+    } else {
+      if (args.grad_total != nullptr) {
+        c = task_weights[task] * d_total;
+      }
+      if (grad_losses != nullptr) {
+        c += grad_losses[task * args.grad_losses_stride];
+      }
+    }
+    acc_t value = Traits::to_acc(grad[row * args.ld + col]) * c;
+    if (extra != nullptr) {
+      value += Traits::to_acc(extra[row * args.extra_row_stride + col * args.extra_col_stride]);
+    }
+    dz[index] = Traits::from_acc(value);
+  }
+}
+
 // ---------------------------------------------------------------------------------------------------------------
 // Launchers
 
@@ -1084,6 +1125,24 @@ cudaError_t launch_gradient_from_stats(InputDType dtype, const TaskBatch& batch,
     using scalar_t = decltype(tag);
     gradient_from_stats_kernel<scalar_t><<<static_cast<unsigned>(args.rows), kGradientThreads, 0, stream>>>(batch,
                                                                                                           args);
+  });
+  return cudaGetLastError();
+}
+
+cudaError_t launch_scale_logit_gradient(InputDType dtype, const LogitGradientArgs& args, cudaStream_t stream) {
+  if (args.rows < 0 || args.cols < 0 || args.ld < args.cols || args.tasks < 0 || args.col_task == nullptr ||
+      args.task_weights == nullptr || args.grad_logits == nullptr || args.dz == nullptr) {
+    return cudaErrorInvalidValue;
+  }
+  const int64_t count = args.rows * args.cols;
+  if (count == 0) {
+    return cudaSuccess;
+  }
+  const int64_t needed = (count + kScaleThreads - 1) / kScaleThreads;
+  const unsigned blocks = static_cast<unsigned>(needed < kMaxScaleBlocks ? needed : kMaxScaleBlocks);
+  dispatch_input_dtype(dtype, [&](auto tag) {
+    using scalar_t = decltype(tag);
+    scale_logit_gradient_kernel<scalar_t><<<blocks, kScaleThreads, 0, stream>>>(args);
   });
   return cudaGetLastError();
 }

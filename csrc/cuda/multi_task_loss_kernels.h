@@ -12,6 +12,8 @@
 //   3. launch_finalize_losses   per task: Σ loss partials in a fixed order × 1/denominator -> losses (T,)
 // multi_task_loss_recompute's backward, per block of head columns of the recomputed logits:
 //   4. launch_gradient_from_stats  dz from the row statistics step 2 saved, × c_t / denominator_t, in place
+// multi_task_loss's backward (the GEMMs dh = dz W, dW = dzᵀ h and db = Σ_rows dz are ATen calls in the glue):
+//   5. launch_scale_logit_gradient  dz = saved logit gradient × c_t (+ the gradient of the logits output)
 // Every reduction runs in a fixed order (no float atomics): the same inputs give bitwise the same outputs.
 #pragma once
 
@@ -90,6 +92,26 @@ struct GradientArgs {
   const void* scales;     // (T,) accumulation type: c_t / denominator_t
 };
 
+// multi_task_loss's backward: dz[i, j] = grad_logits[i, j] · c_{col_task[j]} (+ extra_grad[i, j]), with
+// c_t = dTotal·λ_t + dL_t, computed in the accumulation type and rounded once. A col_task entry outside [0, tasks)
+// gives NaN (it is never used as an index).
+struct LogitGradientArgs {
+  const void* grad_logits;       // (rows, ld) input dtype: the forward's logit gradient, already / denominator
+  int64_t rows;
+  int64_t cols;                  // S
+  int64_t ld;                    // ≥ cols
+  const void* extra_grad;        // null, or input dtype at [i * extra_row_stride + j * extra_col_stride]: the
+  int64_t extra_row_stride;      // gradient of the op's logits output (strides may be 0: an expanded gradient)
+  int64_t extra_col_stride;
+  const int64_t* col_task;       // (cols,) the task of every head column
+  int64_t tasks;                 // T
+  const void* task_weights;      // (T,) accumulation type, contiguous
+  const void* grad_total;        // null, or one accumulation-type value
+  const void* grad_losses;       // null, or (T,) accumulation type at [t * grad_losses_stride]
+  int64_t grad_losses_stride;
+  void* dz;                      // (rows, cols) input dtype, contiguous
+};
+
 // The denominator row slots for a batch of `rows` rows (depends on the shape only, so results are reproducible).
 int denominator_slots(int64_t rows);
 
@@ -110,6 +132,9 @@ cudaError_t launch_finalize_losses(InputDType dtype, const TaskBatch& batch, int
 // that meet the block's columns in turn): no reduction, so any block boundaries give the same values.
 cudaError_t launch_gradient_from_stats(InputDType dtype, const TaskBatch& batch, const GradientArgs& args,
                                        cudaStream_t stream);
+
+// dz of LogitGradientArgs; nothing to do (success) when rows · cols is 0.
+cudaError_t launch_scale_logit_gradient(InputDType dtype, const LogitGradientArgs& args, cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace mtlfast

@@ -4,37 +4,15 @@
 // CUDA kernels' code on CPU tensors.
 #include <Python.h>
 
-#include <ATen/core/dispatch/Dispatcher.h>
-#include <torch/library.h>
-
 #include <cstring>
 #include <string>
-#include <tuple>
 #include <utility>
 
-#include "mtlfast/op_signatures.h"
 #include "mtlfast_cuda_emulation.h"
 #include "selftest_kernels.h"
 
 namespace mtlfast {
 namespace {
-
-// On CUDA the backward is the CompositeExplicitAutograd implementation (csrc/multi_task_loss_backward.cpp); the
-// CPU has a kernel of its own, which would hide it. Send CPU calls to the composite one, as CUDA calls go.
-std::tuple<at::Tensor, at::Tensor, at::Tensor> composite_backward(
-    const std::optional<at::Tensor>& grad_total, const std::optional<at::Tensor>& grad_losses,
-    const at::Tensor& task_weights, const std::optional<at::Tensor>& grad_logits_output, const at::Tensor& grad_logits,
-    const at::Tensor& h, const at::Tensor& weight, const at::Tensor& col_task, bool has_bias) {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("mtlfast::multi_task_loss_backward", "")
-                             .typed<MultiTaskLossBackwardKernel>();
-  return op.redispatch(c10::DispatchKeySet(c10::DispatchKey::CompositeExplicitAutograd), grad_total, grad_losses,
-                       task_weights, grad_logits_output, grad_logits, h, weight, col_task, has_bias);
-}
-
-static_assert(std::is_same_v<decltype(composite_backward), MultiTaskLossBackwardKernel>);
-
-TORCH_LIBRARY_IMPL(mtlfast, CPU, m) { m.impl("multi_task_loss_backward", &composite_backward); }
 
 // Looks `name` up in a table of {name, value} pairs; sets a ValueError listing the names when it is not there.
 template <typename Value, std::size_t N>
