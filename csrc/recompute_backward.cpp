@@ -43,10 +43,10 @@ RecomputeBackwardInputs prepare_recompute_backward(
     const c10::optional<at::Tensor>& bias, at::TensorList targets, const c10::optional<at::Tensor>& col_weight,
     const at::Tensor& col_task, const at::Tensor& row_stats, const at::Tensor& inverse_denominators,
     c10::IntArrayRef kinds, c10::IntArrayRef col_offsets, c10::IntArrayRef class_dims, c10::IntArrayRef ignore_index,
-    c10::ArrayRef<double> params, const std::vector<std::string>& task_names) {
+    c10::ArrayRef<double> params, const std::vector<std::string>& task_names, TargetConversion conversion) {
   PreparedInputs prepared = prepare_multi_task_inputs(h, weight, bias, targets, task_weights, col_weight, col_task,
                                                       kinds, col_offsets, class_dims, ignore_index, params,
-                                                      task_names);
+                                                      task_names, conversion);
   const at::ScalarType acc_dtype = accumulation_dtype(prepared.h.scalar_type());
   check_saved_state(prepared.table, row_stats, inverse_denominators, prepared.h, acc_dtype);
   at::Tensor scales =

@@ -41,6 +41,10 @@ at::ScalarType accumulation_dtype(at::ScalarType input_dtype) {
   return input_dtype == at::kDouble ? at::kDouble : at::kFloat;
 }
 
+at::ScalarType kernel_target_dtype(const TaskTable& table, int64_t task, at::ScalarType acc_dtype) {
+  return table.kinds[task] == kCrossEntropy ? at::kLong : acc_dtype;
+}
+
 namespace {
 
 // "(4, 3)" / "(4,)": shapes as Python prints them, as the user wrote them.
@@ -56,7 +60,7 @@ std::string shape_string(c10::IntArrayRef sizes) {
 
 // One task's target in the kernel layout: shape, dtype and device checked against what the task expects.
 at::Tensor prepare_target(const TaskTable& table, int64_t t, const at::Tensor& y, const at::Tensor& h,
-                          c10::IntArrayRef batch_shape, at::ScalarType acc) {
+                          c10::IntArrayRef batch_shape, at::ScalarType acc, TargetConversion conversion) {
   const int64_t kind = table.kinds[t];
   TORCH_CHECK_TYPE(y.defined(), table.describe(t), ": target is missing (an undefined tensor)");
   TORCH_CHECK_VALUE(y.device() == h.device(), table.describe(t), ": target is on ", y.device(), " but h is on ",
@@ -75,14 +79,12 @@ at::Tensor prepare_target(const TaskTable& table, int64_t t, const at::Tensor& y
                       " (the batch shape of h", class_dim ? ", plus the output dimension" : "", "), got ",
                       shape_string(sizes));
   }
-  at::ScalarType wanted = acc;
   if (kind == kCrossEntropy) {
     TORCH_CHECK_TYPE(!at::isFloatingType(y.scalar_type()) && !at::isComplexType(y.scalar_type()) &&
                          y.scalar_type() != at::kBool,
                      table.describe(t), ": targets must be integer class indices, got ", y.scalar_type());
     TORCH_CHECK_VALUE(table.params[t] >= 0.0 && table.params[t] <= 1.0, table.describe(t),
                       ": label_smoothing must be in [0, 1], got ", table.params[t]);
-    wanted = at::kLong;
   } else if (is_distillation(kind)) {
     // Teacher logits / probabilities are real-valued: integers here are most likely class indices.
     TORCH_CHECK_TYPE(at::isFloatingType(y.scalar_type()), table.describe(t), ": targets must be floating point ",
@@ -101,7 +103,8 @@ at::Tensor prepare_target(const TaskTable& table, int64_t t, const at::Tensor& y
   }
   // A contiguous tensor of the batch shape (+ C) is already the (N,) / (N, C) row-major array the kernels read:
   // the common case costs no ATen call (at 64 tasks, a to() and a reshape per task were ~100 us per step).
-  if (y.scalar_type() == wanted && y.is_contiguous()) {
+  const at::ScalarType wanted = kernel_target_dtype(table, t, acc);
+  if (conversion == TargetConversion::kByBackend || (y.scalar_type() == wanted && y.is_contiguous())) {
     return y;
   }
   return y.to(wanted).contiguous();
@@ -115,7 +118,7 @@ PreparedInputs prepare_multi_task_inputs(const at::Tensor& h, const at::Tensor& 
                                          const at::Tensor& col_task, c10::IntArrayRef kinds,
                                          c10::IntArrayRef col_offsets, c10::IntArrayRef class_dims,
                                          c10::IntArrayRef ignore_index, c10::ArrayRef<double> params,
-                                         const std::vector<std::string>& task_names) {
+                                         const std::vector<std::string>& task_names, TargetConversion conversion) {
   const int64_t T = static_cast<int64_t>(kinds.size());
   TORCH_CHECK_VALUE(T > 0, "mtlfast: at least one task is required");
   TORCH_CHECK_VALUE(static_cast<int64_t>(col_offsets.size()) == T + 1 &&
@@ -176,7 +179,7 @@ PreparedInputs prepare_multi_task_inputs(const at::Tensor& h, const at::Tensor& 
                       table.describe(t), ": class_dims must be 0 or 1 (0 for class indices), got ",
                       table.class_dims[t]);
     if (kind != kNone) {
-      prepared.targets[t] = prepare_target(table, t, targets[t], h, batch_shape, acc);
+      prepared.targets[t] = prepare_target(table, t, targets[t], h, batch_shape, acc, conversion);
     }
   }
   TORCH_CHECK_VALUE(task_weights.dim() == 1 && task_weights.size(0) == T, "mtlfast: task_weights must be (T,) = (",

@@ -75,6 +75,22 @@ def test_every_entry_point_runs_the_emulated_kernels():
     assert _launches(lambda: torch.ops.mtlfast.min_norm_weights(gram, 5)) == 1
 
 
+def test_targets_outside_the_kernel_layout_are_converted_in_one_launch():
+    """70 binary tasks whose labels are bf16 columns of one label matrix, plus a class-index column: one packing
+    launch per kernel dtype and group of 64 tasks, not a conversion per task."""
+    tasks = [mf.Binary(f"b{i}") for i in range(70)] + [mf.Classification("ce", num_classes=3)]
+    heads = mf.MultiTaskHeads(4, tasks, dtype=torch.float32)
+    h = torch.randn(6, 4)
+    labels = torch.randint(0, 2, (6, 70)).to(torch.bfloat16)
+    classes = torch.randint(0, 3, (6, 2))
+    targets = {f"b{i}": labels[:, i] for i in range(70)} | {"ce": classes[:, 1]}
+    in_kernel_layout = {name: y.to(torch.int64 if name == "ce" else torch.float32).contiguous() for name, y in targets.items()}
+    # Forward: denominators, segment losses, finalize per group of 64 tasks (2 groups).
+    assert _launches(lambda: heads(h, in_kernel_layout).loss) == 6
+    assert _launches(lambda: heads(h, targets).loss) == 6 + 2 + 1  # bf16 labels: 2 groups; class indices: 1
+    torch.testing.assert_close(heads(h, targets).loss_vector, heads(h, in_kernel_layout).loss_vector, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("chunk_rows", [None, 32])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16], ids=str)
 def test_results_do_not_depend_on_the_thread_order(thread_order, dtype, chunk_rows):

@@ -1,11 +1,13 @@
-// CUDA implementations of multi_task_loss and its backward, multi_task_loss_chunked and the recompute pair
-// (semantics: csrc/registration.cpp and DESIGN.md §2). Tensor checks, allocation and the GEMMs (cuBLAS through ATen) live here; the loss kernels live in
-// multi_task_loss_kernels.cu, which is kept free of torch headers (they would multiply its compile time).
+// CUDA implementations of multi_task_loss and its backward, multi_task_loss_chunked and the recompute pair (semantics:
+// csrc/registration.cpp and DESIGN.md §2). Tensor checks, allocation and the GEMMs (cuBLAS through ATen) live here; the
+// loss kernels live in multi_task_loss_kernels.cu, which is kept free of torch headers (they would multiply its compile
+// time).
 //
 // Everything runs on the current stream without a host sync: losses stay on the device, and a class index out of
 // range (which the CPU backend reports as an IndexError) turns the task's loss into NaN instead, as does a
 // negative or infinite distillation probability (a ValueError on the CPU).
 #include <ATen/ATen.h>
+#include <ATen/TensorUtils.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -14,6 +16,7 @@
 
 #include <algorithm>
 #include <limits>
+#include <optional>
 #include <tuple>
 #include <type_traits>
 #include <vector>
@@ -43,12 +46,100 @@ cuda::InputDType kernel_dtype(at::ScalarType type) {
   return cuda::InputDType::kBFloat16;
 }
 
+std::optional<cuda::TargetSourceDType> target_source_dtype(at::ScalarType type) {
+  switch (type) {
+    case at::kBool: return cuda::TargetSourceDType::kBool;
+    case at::kByte: return cuda::TargetSourceDType::kUInt8;
+    case at::kChar: return cuda::TargetSourceDType::kInt8;
+    case at::kShort: return cuda::TargetSourceDType::kInt16;
+    case at::kInt: return cuda::TargetSourceDType::kInt32;
+    case at::kLong: return cuda::TargetSourceDType::kInt64;
+    case at::kHalf: return cuda::TargetSourceDType::kHalf;
+    case at::kBFloat16: return cuda::TargetSourceDType::kBFloat16;
+    case at::kFloat: return cuda::TargetSourceDType::kFloat;
+    case at::kDouble: return cuda::TargetSourceDType::kDouble;
+    default: return std::nullopt;
+  }
+}
+
+// Where the kernels read each task's targets: the tensors (kept alive until the kernels are enqueued) and per task a
+// pointer to its targets in the kernel layout (kernel_target_dtype, row-major (N,) / (N, C_t)); null if absent.
+struct KernelTargets {
+  std::vector<at::Tensor> tensors;
+  std::vector<const void*> pointers;
+};
+
+// The targets of the present tasks in the kernel layout. The ones that are not in it already (bf16 labels of a bf16 model, integer labels of a BCE task, a
+// column of a label matrix) are converted by one launch per kernel dtype into one buffer: an ATen conversion per
+// task would cost a launch and an allocation each (64 of them in a 64-task step). Targets whose batch dims cannot
+// be viewed as one strided row dimension, or of a dtype the kernel does not read, still take Tensor.to.
+KernelTargets kernel_targets(const TaskTable& table, at::TensorList given, const at::Tensor& h, cudaStream_t stream) {
+  struct Pending {
+    int64_t task;
+    cuda::TargetCopy copy;
+  };
+  const at::ScalarType acc = accumulation_dtype(h.scalar_type());
+  const at::ScalarType packed_dtypes[2] = {at::kLong, acc};
+  const cuda::TargetKernelDType kernel_dtypes[2] = {
+      cuda::TargetKernelDType::kLong,
+      acc == at::kDouble ? cuda::TargetKernelDType::kDouble : cuda::TargetKernelDType::kFloat};
+  std::vector<Pending> pending[2];
+  int64_t packed_sizes[2] = {0, 0};
+  KernelTargets targets{{}, std::vector<const void*>(table.num_tasks(), nullptr)};
+  targets.tensors.reserve(table.num_tasks());
+  for (int64_t t = 0; t < table.num_tasks(); ++t) {
+    if (table.kinds[t] == kNone) {
+      continue;
+    }
+    const at::Tensor& y = given[t];
+    const at::ScalarType wanted = kernel_target_dtype(table, t, acc);
+    if (y.scalar_type() == wanted && y.is_contiguous()) {
+      targets.tensors.push_back(y);
+      targets.pointers[t] = y.const_data_ptr();
+      continue;
+    }
+    const int64_t width = table.class_dims[t] != 0 ? table.width(t) : 1;
+    const std::optional<cuda::TargetSourceDType> source_dtype = target_source_dtype(y.scalar_type());
+    const auto strides = at::detail::computeStride(y.sizes(), y.strides(), c10::IntArrayRef{table.rows, width});
+    if (!source_dtype.has_value() || !strides.has_value()) {
+      targets.tensors.push_back(y.to(wanted).contiguous());
+      targets.pointers[t] = targets.tensors.back().const_data_ptr();
+      continue;
+    }
+    const int which = wanted == at::kLong ? 0 : 1;
+    pending[which].push_back({t, {y.const_data_ptr(), (*strides)[0], (*strides)[1], width, packed_sizes[which],
+                                  *source_dtype}});
+    packed_sizes[which] += table.rows * width;
+  }
+  for (int which = 0; which < 2; ++which) {
+    if (pending[which].empty()) {
+      continue;
+    }
+    const at::Tensor packed = at::empty({packed_sizes[which]}, h.options().dtype(packed_dtypes[which]));
+    for (size_t begin = 0; begin < pending[which].size(); begin += cuda::kMaxTasksPerLaunch) {
+      cuda::TargetCopyBatch batch{};
+      const size_t end = std::min(pending[which].size(), begin + cuda::kMaxTasksPerLaunch);
+      for (size_t i = begin; i < end; ++i) {
+        batch.copy[batch.count++] = pending[which][i].copy;
+      }
+      C10_CUDA_CHECK(
+          cuda::launch_pack_targets(kernel_dtypes[which], batch, table.rows, packed.mutable_data_ptr(), stream));
+    }
+    const auto* base = static_cast<const char*>(packed.const_data_ptr());
+    for (const Pending& entry : pending[which]) {
+      targets.pointers[entry.task] = base + entry.copy.offset * packed.element_size();
+    }
+    targets.tensors.push_back(packed);
+  }
+  return targets;
+}
+
 // The validated inputs of one op call in the layout the kernels read: the task metadata in launch groups, the
 // targets and column weights they point into, the stream.
 struct KernelTasks {
   cuda::InputDType dtype;
   int64_t rows;
-  std::vector<at::Tensor> targets;  // contiguous; kept alive until the kernels are enqueued
+  KernelTargets targets;
   c10::optional<at::Tensor> col_weight;
   std::vector<cuda::TaskBatch> batches;
   cudaStream_t stream;
@@ -64,19 +155,17 @@ struct KernelTasks {
     if (col_weight_in.has_value()) {
       col_weight = col_weight_in->contiguous();
     }
-    targets.reserve(T);
     for (int64_t t = 0; t < T; ++t) {
-      const int64_t kind = table.kinds[t];
       TORCH_CHECK_VALUE(table.width(t) <= std::numeric_limits<int32_t>::max(), table.describe(t),
                         ": at most 2^31-1 head columns per task on CUDA, got ", table.width(t));
-      targets.push_back(kind == kNone ? at::Tensor() : targets_in[t].contiguous());
     }
+    targets = kernel_targets(table, targets_in, h, stream);
     for (int64_t begin = 0; begin < T; begin += cuda::kMaxTasksPerLaunch) {
       cuda::TaskBatch batch{};
       const int64_t end = std::min<int64_t>(T, begin + cuda::kMaxTasksPerLaunch);
       for (int64_t t = begin; t < end; ++t) {
         cuda::TaskMeta& meta = batch.task[batch.count++];
-        meta.target = targets[t].defined() ? targets[t].const_data_ptr() : nullptr;
+        meta.target = targets.pointers[t];
         meta.col_offset = table.col_offsets[t];
         meta.ignore_index = table.ignore_index[t];
         meta.param = table.params[t];
@@ -204,7 +293,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> multi_task_loss_cuda(
   const c10::cuda::CUDAGuard guard(h_in.device());
   const PreparedInputs prepared = prepare_multi_task_inputs(h_in, weight, bias, targets_in, task_weights, col_weight,
                                                             col_task, kinds, col_offsets, class_dims, ignore_index,
-                                                            params, task_names);
+                                                            params, task_names, TargetConversion::kByBackend);
   const TaskTable& table = prepared.table;
   const at::Tensor& h = prepared.h;
   LossPipeline pipeline(table, h, prepared.targets, col_weight);
@@ -228,7 +317,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> multi_tas
   const c10::cuda::CUDAGuard guard(h_in.device());
   const PreparedInputs prepared = prepare_multi_task_inputs(h_in, weight, bias, targets_in, task_weights, col_weight,
                                                             col_task, kinds, col_offsets, class_dims, ignore_index,
-                                                            params, task_names);
+                                                            params, task_names, TargetConversion::kByBackend);
   const TaskTable& table = prepared.table;
   const at::Tensor& h = prepared.h;
   LossPipeline pipeline(table, h, prepared.targets, col_weight);
@@ -351,7 +440,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> multi_task_loss_recom
   const c10::cuda::CUDAGuard guard(h_in.device());
   const PreparedInputs prepared = prepare_multi_task_inputs(h_in, weight, bias, targets_in, task_weights, col_weight,
                                                             col_task, kinds, col_offsets, class_dims, ignore_index,
-                                                            params, task_names);
+                                                            params, task_names, TargetConversion::kByBackend);
   LossPipeline pipeline(prepared.table, prepared.h, prepared.targets, col_weight);
   pipeline.save_row_stats();
   for_each_logits_chunk(pipeline, prepared.h, weight, bias, chunk_rows,
@@ -370,7 +459,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> multi_task_loss_recompute_backwar
   const c10::cuda::CUDAGuard guard(h_in.device());
   const RecomputeBackwardInputs in = prepare_recompute_backward(
       grad_total, grad_losses, task_weights, h_in, weight, bias, targets_in, col_weight, col_task, row_stats,
-      inverse_denominators, kinds, col_offsets, class_dims, ignore_index, params, task_names);
+      inverse_denominators, kinds, col_offsets, class_dims, ignore_index, params, task_names,
+      TargetConversion::kByBackend);
   const KernelTasks tasks(in.prepared.table, in.prepared.h, in.prepared.targets, col_weight);
 
   const auto block_gradient = [&](at::Tensor& block, int64_t col_begin) {

@@ -42,6 +42,8 @@ constexpr int kFinalizeThreads = 1024;
 constexpr int kFinalizeWarps = kFinalizeThreads / kWarpSize;
 constexpr int kGradientThreads = 256;
 constexpr int kScaleThreads = 256;
+constexpr int kPackThreads = 256;
+constexpr int64_t kMaxPackBlocksPerTask = 256;
 // Enough blocks to fill the device for the (small-head) sizes this kernel sees; larger ones loop.
 constexpr int64_t kMaxScaleBlocks = 4096;
 constexpr int64_t kMinRowsPerDenominatorSlot = 128;
@@ -971,6 +973,49 @@ __global__ void __launch_bounds__(kGradientThreads)
   }
 }
 
+// One target entry converted to the kernel dtype (the conversions of Tensor.to: bool -> 0 / 1, integers and
+// floats by value).
+template <typename out_t>
+__device__ __forceinline__ out_t load_target(const void* source, int64_t index, TargetSourceDType dtype) {
+  switch (dtype) {
+    case TargetSourceDType::kBool:
+      return static_cast<const uint8_t*>(source)[index] != 0 ? out_t(1) : out_t(0);
+    case TargetSourceDType::kUInt8:
+      return static_cast<out_t>(static_cast<const uint8_t*>(source)[index]);
+    case TargetSourceDType::kInt8:
+      return static_cast<out_t>(static_cast<const int8_t*>(source)[index]);
+    case TargetSourceDType::kInt16:
+      return static_cast<out_t>(static_cast<const int16_t*>(source)[index]);
+    case TargetSourceDType::kInt32:
+      return static_cast<out_t>(static_cast<const int32_t*>(source)[index]);
+    case TargetSourceDType::kInt64:
+      return static_cast<out_t>(static_cast<const int64_t*>(source)[index]);
+    case TargetSourceDType::kHalf:
+      return static_cast<out_t>(__half2float(static_cast<const __half*>(source)[index]));
+    case TargetSourceDType::kBFloat16:
+      return static_cast<out_t>(__bfloat162float(static_cast<const __nv_bfloat16*>(source)[index]));
+    case TargetSourceDType::kFloat:
+      return static_cast<out_t>(static_cast<const float*>(source)[index]);
+    default:  // kDouble
+      return static_cast<out_t>(static_cast<const double*>(source)[index]);
+  }
+}
+
+// A grid row per task (blockIdx.y), its entries grid-strided over the row's blocks.
+template <typename out_t>
+__global__ void __launch_bounds__(kPackThreads)
+    pack_targets_kernel(const __grid_constant__ TargetCopyBatch batch, int64_t rows, out_t* packed) {
+  const TargetCopy& copy = batch.copy[blockIdx.y];
+  const int64_t count = rows * copy.width;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t index = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; index < count; index += stride) {
+    const int64_t row = index / copy.width;
+    const int64_t col = index - row * copy.width;
+    packed[copy.offset + index] =
+        load_target<out_t>(copy.source, row * copy.row_stride + col * copy.col_stride, copy.dtype);
+  }
+}
+
 // multi_task_loss's backward: one element of dz per thread (grid-stride). Head columns are few next to rows, so the
 // coefficient is recomputed per element from cached (T,) vectors rather than staged.
 template <typename scalar_t>
@@ -1126,6 +1171,34 @@ cudaError_t launch_gradient_from_stats(InputDType dtype, const TaskBatch& batch,
     gradient_from_stats_kernel<scalar_t><<<static_cast<unsigned>(args.rows), kGradientThreads, 0, stream>>>(batch,
                                                                                                           args);
   });
+  return cudaGetLastError();
+}
+
+cudaError_t launch_pack_targets(TargetKernelDType kernel_dtype, const TargetCopyBatch& batch, int64_t rows,
+                                void* packed, cudaStream_t stream) {
+  if (batch.count <= 0 || batch.count > kMaxTasksPerLaunch || rows <= 0 || packed == nullptr) {
+    return cudaErrorInvalidValue;
+  }
+  int64_t widest = 0;
+  for (int i = 0; i < batch.count; ++i) {
+    if (batch.copy[i].width <= 0 || batch.copy[i].source == nullptr) {
+      return cudaErrorInvalidValue;
+    }
+    widest = batch.copy[i].width > widest ? batch.copy[i].width : widest;
+  }
+  const int64_t needed = (rows * widest + kPackThreads - 1) / kPackThreads;
+  const dim3 grid(static_cast<unsigned>(needed < kMaxPackBlocksPerTask ? needed : kMaxPackBlocksPerTask), batch.count);
+  switch (kernel_dtype) {
+    case TargetKernelDType::kLong:
+      pack_targets_kernel<int64_t><<<grid, kPackThreads, 0, stream>>>(batch, rows, static_cast<int64_t*>(packed));
+      break;
+    case TargetKernelDType::kFloat:
+      pack_targets_kernel<float><<<grid, kPackThreads, 0, stream>>>(batch, rows, static_cast<float*>(packed));
+      break;
+    case TargetKernelDType::kDouble:
+      pack_targets_kernel<double><<<grid, kPackThreads, 0, stream>>>(batch, rows, static_cast<double*>(packed));
+      break;
+  }
   return cudaGetLastError();
 }
 

@@ -3,6 +3,8 @@
 // the ATen glue in multi_task_loss_cuda.cpp.
 //
 // One op call runs, on one stream and without host syncs:
+//   0. launch_pack_targets      only for targets the kernels cannot read in place (another dtype, strided): all of
+//                               them converted to the kernel layout at once
 //   1. launch_denominators      per task and row slot: Σ class weight of valid targets (CE) / count of non-NaN
 //                               targets (element-wise kinds) / count of rows without NaN (distillation)
 //                                                                -> denominator partials (T, kMaxDenominatorSlots)
@@ -92,6 +94,29 @@ struct GradientArgs {
   const void* scales;     // (T,) accumulation type: c_t / denominator_t
 };
 
+// The dtypes a target may come in (those the glue packs; any other goes through an ATen conversion).
+enum class TargetSourceDType : int32_t {
+  kBool, kUInt8, kInt8, kInt16, kInt32, kInt64, kHalf, kBFloat16, kFloat, kDouble
+};
+// The dtypes the kernels read targets in: int64 class indices, dense targets in the accumulation type.
+enum class TargetKernelDType { kLong, kFloat, kDouble };
+
+// One task's target for launch_pack_targets: a (rows, width) view of it, its entries copied row-major to
+// packed[offset, offset + rows · width).
+struct TargetCopy {
+  const void* source;  // entry (r, c) at source[r * row_stride + c * col_stride] (strides in elements, may be 0)
+  int64_t row_stride;
+  int64_t col_stride;
+  int64_t width;       // 1 for (N,) targets
+  int64_t offset;
+  TargetSourceDType dtype;
+};
+
+struct TargetCopyBatch {
+  int32_t count;  // ≤ kMaxTasksPerLaunch
+  TargetCopy copy[kMaxTasksPerLaunch];
+};
+
 // multi_task_loss's backward: dz[i, j] = grad_logits[i, j] · c_{col_task[j]} (+ extra_grad[i, j]), with
 // c_t = dTotal·λ_t + dL_t, computed in the accumulation type and rounded once. A col_task entry outside [0, tasks)
 // gives NaN (it is never used as an index).
@@ -132,6 +157,10 @@ cudaError_t launch_finalize_losses(InputDType dtype, const TaskBatch& batch, int
 // that meet the block's columns in turn): no reduction, so any block boundaries give the same values.
 cudaError_t launch_gradient_from_stats(InputDType dtype, const TaskBatch& batch, const GradientArgs& args,
                                        cudaStream_t stream);
+
+// Converts the batch's targets (each `rows` rows) to `packed`, an array of the kernel dtype, in one launch.
+cudaError_t launch_pack_targets(TargetKernelDType kernel_dtype, const TargetCopyBatch& batch, int64_t rows,
+                                void* packed, cudaStream_t stream);
 
 // dz of LogitGradientArgs; nothing to do (success) when rows · cols is 0.
 cudaError_t launch_scale_logit_gradient(InputDType dtype, const LogitGradientArgs& args, cudaStream_t stream);

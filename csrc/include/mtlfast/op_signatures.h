@@ -1,6 +1,7 @@
-// The C++ signatures of the kernels of multi_task_loss and multi_task_loss_backward (csrc/cpu, csrc/cuda), which
-// are also the signatures of the typed dispatcher handles that call them from csrc/eager_autograd.cpp. Each kernel static_asserts its type against these: a kernel whose parameters drift
-// fails to compile (the CUDA glue included, which CI compiles but cannot run) instead of at its first eager call.
+// The C++ signatures of the kernels of multi_task_loss and multi_task_loss_backward (csrc/cpu, csrc/cuda), which are
+// also the signatures of the typed dispatcher handles that call them from csrc/eager_autograd.cpp. Each kernel
+// static_asserts its type against these: a kernel whose parameters drift fails to compile (the CUDA glue included,
+// which CI compiles but cannot run) instead of at its first eager call.
 #pragma once
 
 #include <ATen/core/Tensor.h>

@@ -19,7 +19,7 @@ namespace mtlfast {
 // The backward op's inputs, validated (the forward's checks, then the saved state's shapes, dtypes and device), in
 // the layout the block-gradient steps read.
 struct RecomputeBackwardInputs {
-  PreparedInputs prepared;  // h flattened to (N, D), targets in kernel layout
+  PreparedInputs prepared;  // h flattened to (N, D), targets as `conversion` leaves them
   at::Tensor scales;        // (T,) accumulation dtype: c_t / denominator_t, c = grad_total·λ + grad_losses
   at::Tensor row_stats;     // (T, N, 4) accumulation dtype, contiguous
 };
@@ -30,7 +30,7 @@ RecomputeBackwardInputs prepare_recompute_backward(
     const c10::optional<at::Tensor>& bias, at::TensorList targets, const c10::optional<at::Tensor>& col_weight,
     const at::Tensor& col_task, const at::Tensor& row_stats, const at::Tensor& inverse_denominators,
     c10::IntArrayRef kinds, c10::IntArrayRef col_offsets, c10::IntArrayRef class_dims, c10::IntArrayRef ignore_index,
-    c10::ArrayRef<double> params, const std::vector<std::string>& task_names);
+    c10::ArrayRef<double> params, const std::vector<std::string>& task_names, TargetConversion conversion);
 
 // Overwrites `block` (N, cols), the recomputed logits of head columns [col_begin, col_begin + cols), with their
 // gradient dz, each column's scaled by its task's entry of the (T,) scales (c_t / denominator_t).

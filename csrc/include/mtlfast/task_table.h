@@ -28,27 +28,36 @@ struct TaskTable {
   std::string describe(int64_t task) const;
 };
 
+// Who brings targets that are not yet in the kernel layout (another dtype, strided: a column of a label matrix)
+// there: prepare_multi_task_inputs, one ATen call per such task, or the backend, which converts them all at once
+// (CUDA: one launch, where a call per task costs more host time than a small head's whole loss pass).
+enum class TargetConversion { kPerTask, kByBackend };
+
 // A forward op's inputs, validated, in the layout the kernels read.
 struct PreparedInputs {
   TaskTable table;
   at::Tensor h;                     // (N, D): h with its batch dims flattened
-  // Per task, contiguous, int64 (class indices) or the accumulation dtype, of the batch shape (+ C_t): read as an
-  // (N,) / (N, C_t) row-major array. Undefined when the task is absent.
+  // Per task, of the batch shape (+ C_t), undefined when the task is absent. With TargetConversion::kPerTask
+  // contiguous and of kernel_target_dtype: read as an (N,) / (N, C_t) row-major array; with kByBackend as given.
   std::vector<at::Tensor> targets;
   at::Tensor task_weights;          // (T,) accumulation dtype
 };
 
 // Checks shapes, dtypes, devices and list lengths of a forward op's inputs (argument conventions:
-// csrc/registration.cpp) and brings h and the targets to the kernel layout (flattened batch dims; integer class
-// indices to int64, dense targets to the accumulation dtype). Throws c10 errors that surface in Python as
-// ValueError / TypeError naming the task.
+// csrc/registration.cpp) and brings h and (unless the backend does it) the targets to the kernel layout (flattened
+// batch dims; integer class indices to int64, dense targets to the accumulation dtype). Throws c10 errors that
+// surface in Python as ValueError / TypeError naming the task.
 PreparedInputs prepare_multi_task_inputs(const at::Tensor& h, const at::Tensor& weight,
                                          const c10::optional<at::Tensor>& bias, at::TensorList targets,
                                          const at::Tensor& task_weights, const c10::optional<at::Tensor>& col_weight,
                                          const at::Tensor& col_task, c10::IntArrayRef kinds,
                                          c10::IntArrayRef col_offsets, c10::IntArrayRef class_dims,
                                          c10::IntArrayRef ignore_index, c10::ArrayRef<double> params,
-                                         const std::vector<std::string>& task_names);
+                                         const std::vector<std::string>& task_names,
+                                         TargetConversion conversion = TargetConversion::kPerTask);
+
+// The dtype the kernels read task t's targets in: int64 class indices, else the accumulation dtype.
+at::ScalarType kernel_target_dtype(const TaskTable& table, int64_t task, at::ScalarType acc_dtype);
 
 // Σ_t λ_t L_t as a 0-dim tensor (losses and task_weights in the accumulation dtype, on one device).
 at::Tensor weighted_total(const at::Tensor& losses, const at::Tensor& task_weights);
