@@ -216,11 +216,11 @@ struct LossPipeline : KernelTasks {
   }
 
   // Loss and logit gradient of rows [row_begin, row_begin + logits.size(0)); the gradient goes to grad, which may
-  // be logits itself.
+  // be logits itself, or nowhere when grad is undefined (losses and saved row statistics only).
   void segment_losses(const at::Tensor& logits, const at::Tensor& grad, int64_t row_begin) {
     cuda::SegmentArgs args;
     args.logits = logits.const_data_ptr();
-    args.grad = grad.mutable_data_ptr();
+    args.grad = grad.defined() ? grad.mutable_data_ptr() : nullptr;
     args.rows = logits.size(0);
     args.row_begin = row_begin;
     args.ld = logits.stride(0);
@@ -255,13 +255,14 @@ at::Tensor head_logits(const at::Tensor& h, const at::Tensor& weight, const c10:
 }
 
 // The large-head ops' forward loop: the denominators over the whole batch, then per chunk of rows the chunk's logits
-// z = h Wᵀ + b in a reused buffer, the segment pass (z then holds the chunk's logit gradient), and
-// after_chunk(z, h_chunk, first_row). Chunks start at multiples of cuda::kRowAlignment (the loss partial slots cover
+// z = h Wᵀ + b in a reused buffer, the segment pass (z then holds the chunk's logit gradient, unless !with_gradient:
+// losses and row statistics only), and after_chunk(z, h_chunk, first_row). Chunks start at multiples of cuda::kRowAlignment (the loss partial slots cover
 // aligned row groups); the buffer's rows are padded to 16 bytes: with an odd S (e.g. 32000 + 5 + 1 classes) cuBLAS
 // would otherwise fall back to slower kernels for every GEMM that touches the chunk's logits.
 template <typename AfterChunk>
 void for_each_logits_chunk(LossPipeline& pipeline, const at::Tensor& h, const at::Tensor& weight,
-                           const c10::optional<at::Tensor>& bias, int64_t chunk_rows, const AfterChunk& after_chunk) {
+                           const c10::optional<at::Tensor>& bias, int64_t chunk_rows, bool with_gradient,
+                           const AfterChunk& after_chunk) {
   TORCH_CHECK_VALUE(chunk_rows > 0, "mtlfast: chunk_rows must be positive, got ", chunk_rows);
   const int64_t N = h.size(0);
   const int64_t S = weight.size(0);
@@ -279,7 +280,7 @@ void for_each_logits_chunk(LossPipeline& pipeline, const at::Tensor& h, const at
     } else {
       at::mm_out(z, h_chunk, weight.t());
     }
-    pipeline.segment_losses(z, z, begin);
+    pipeline.segment_losses(z, with_gradient ? z : at::Tensor(), begin);
     after_chunk(z, h_chunk, begin);
   }
 }
@@ -337,8 +338,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> multi_tas
     }
   }
 
-  for_each_logits_chunk(pipeline, h, weight, bias, chunk_rows, [&](const at::Tensor& z, const at::Tensor& h_chunk,
-                                                                   int64_t begin) {
+  for_each_logits_chunk(pipeline, h, weight, bias, chunk_rows, /*with_gradient=*/true,
+                        [&](const at::Tensor& z, const at::Tensor& h_chunk, int64_t begin) {
     const int64_t rows = z.size(0);
     gemm_to_accumulator(grad_weight, z.t(), h_chunk, /*accumulate=*/begin > 0);
     if (bias.has_value()) {
@@ -429,8 +430,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> multi_task_loss_backward_cuda(
   return {grad_h.view(h_in.sizes()), grad_weight, grad_bias};
 }
 
-// The forward of the recompute path: the chunked op's row chunks without any gradient GEMM; the segment pass still
-// writes each chunk's logit gradient over its logits (one pass, as in the other ops; the chunk buffer is scratch).
+// The forward of the recompute path: the chunked op's row chunks without any gradient: the segment pass reads each
+// chunk's logits for the losses and the row statistics and writes nothing back (the backward recomputes them).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> multi_task_loss_recompute_cuda(
     const at::Tensor& h_in, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
     at::TensorList targets_in, const at::Tensor& task_weights, const c10::optional<at::Tensor>& col_weight,
@@ -443,7 +444,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> multi_task_loss_recom
                                                             params, task_names, TargetConversion::kByBackend);
   LossPipeline pipeline(prepared.table, prepared.h, prepared.targets, col_weight);
   pipeline.save_row_stats();
-  for_each_logits_chunk(pipeline, prepared.h, weight, bias, chunk_rows,
+  for_each_logits_chunk(pipeline, prepared.h, weight, bias, chunk_rows, /*with_gradient=*/false,
                         [](const at::Tensor&, const at::Tensor&, int64_t) {});
   const at::Tensor losses = pipeline.finalize();
   return {weighted_total(losses, prepared.task_weights), losses, pipeline.row_stats, pipeline.inverse_denominators};

@@ -383,13 +383,21 @@ template <typename scalar_t>
 struct WarpRow {
   using acc_t = typename ScalarTraits<scalar_t>::acc_t;
   const scalar_t* logits;  // the task's segment of this lane's row
-  scalar_t* grad;
+  scalar_t* grad;          // null: losses only (SegmentArgs::grad)
   int64_t row;             // global row index
   int lane_in_row;
   int lanes;
   bool active;             // false for the lanes past the last row (they still join the shuffles)
   acc_t inv_denominator;
 };
+
+// A row whose gradient is zero (an ignored class index, a missing distillation row, an absent task).
+template <typename scalar_t>
+__device__ __forceinline__ void zero_segment_warp(const WarpRow<scalar_t>& r, int width) {
+  for (int c = r.lane_in_row; r.grad != nullptr && c < width; c += r.lanes) {
+    r.grad[c] = ScalarTraits<scalar_t>::from_acc(typename ScalarTraits<scalar_t>::acc_t(0));
+  }
+}
 
 template <int64_t kKind, typename scalar_t>
 __device__ __forceinline__ typename ScalarTraits<scalar_t>::acc_t dense_segment_warp(const TaskMeta& task,
@@ -409,7 +417,9 @@ __device__ __forceinline__ typename ScalarTraits<scalar_t>::acc_t dense_segment_
     acc_t grad;
     loss += dense_element<kKind>(T::to_acc(r.logits[c]), y[c], dense_param<kKind>(pos_weight, c, task_param),
                                  r.inv_denominator, &grad);
-    r.grad[c] = T::from_acc(grad);
+    if (r.grad != nullptr) {
+      r.grad[c] = T::from_acc(grad);
+    }
   }
   return loss;
 }
@@ -439,9 +449,7 @@ __device__ __forceinline__ typename ScalarTraits<scalar_t>::acc_t cross_entropy_
     return acc_t(0);
   }
   if (!valid) {
-    for (int c = r.lane_in_row; c < task.width; c += r.lanes) {
-      r.grad[c] = T::from_acc(acc_t(0));
-    }
+    zero_segment_warp(r, task.width);
     if (r.lane_in_row == 0) {
       store_row_stats(args, task, r.row, acc_t(0), acc_t(0), acc_t(0), acc_t(0));
     }
@@ -453,7 +461,7 @@ __device__ __forceinline__ typename ScalarTraits<scalar_t>::acc_t cross_entropy_
   if (r.lane_in_row == 0) {
     store_cross_entropy_stats(args, task, r.row, terms, stats);
   }
-  for (int c = r.lane_in_row; c < task.width; c += r.lanes) {
+  for (int c = r.lane_in_row; r.grad != nullptr && c < task.width; c += r.lanes) {
     r.grad[c] = T::from_acc(cross_entropy_element_grad(terms, stats, T::to_acc(r.logits[c]), c == y,
                                                        smoothing_class_weight(class_weight, c, smoothing),
                                                        r.inv_denominator));
@@ -483,9 +491,7 @@ __device__ __forceinline__ typename ScalarTraits<scalar_t>::acc_t distillation_s
     return acc_t(0);
   }
   if (stats.missing) {
-    for (int c = r.lane_in_row; c < task.width; c += r.lanes) {
-      r.grad[c] = T::from_acc(acc_t(0));
-    }
+    zero_segment_warp(r, task.width);
     if (r.lane_in_row == 0) {
       store_row_stats(args, task, r.row, acc_t(0), acc_t(0), acc_t(0), acc_t(0));
     }
@@ -501,7 +507,9 @@ __device__ __forceinline__ typename ScalarTraits<scalar_t>::acc_t distillation_s
   for (int c = r.lane_in_row; c < task.width; c += r.lanes) {
     const LossAndGrad<acc_t> e = distillation_element(row, from_logits, T::to_acc(r.logits[c]), y[c]);
     loss += e.loss;
-    r.grad[c] = T::from_acc(e.grad * r.inv_denominator);
+    if (r.grad != nullptr) {
+      r.grad[c] = T::from_acc(e.grad * r.inv_denominator);
+    }
   }
   return loss;
 }
@@ -536,7 +544,7 @@ __global__ void __launch_bounds__(kWarpKernelThreads, kWarpKernelMinBlocks)
   r.active = local_row < args.rows;
   const int64_t offset = local_row * args.ld + task.col_offset;
   r.logits = static_cast<const scalar_t*>(args.logits) + offset;
-  r.grad = static_cast<scalar_t*>(args.grad) + offset;
+  r.grad = args.grad != nullptr ? static_cast<scalar_t*>(args.grad) + offset : nullptr;
   r.row = args.row_begin + local_row;
   r.lane_in_row = lane % lanes;
   r.lanes = lanes;
@@ -565,9 +573,7 @@ __global__ void __launch_bounds__(kWarpKernelThreads, kWarpKernelMinBlocks)
       break;
     default:  // kNone: absent from the batch, zero gradient
       if (r.active) {
-        for (int c = r.lane_in_row; c < task.width; c += lanes) {
-          r.grad[c] = ScalarTraits<scalar_t>::from_acc(acc_t(0));
-        }
+        zero_segment_warp(r, task.width);
       }
       break;
   }
@@ -634,9 +640,13 @@ __device__ __forceinline__ void for_each_in_segment(const scalar_t* in, scalar_t
   }
 }
 
+// grad null (SegmentArgs::grad): nothing to write.
 template <typename scalar_t>
 __device__ __forceinline__ void zero_segment(scalar_t* grad, int64_t n) {
   using acc_t = typename ScalarTraits<scalar_t>::acc_t;
+  if (grad == nullptr) {
+    return;
+  }
   for_each_in_segment<false, true>(static_cast<const scalar_t*>(nullptr), grad, n,
                                    [](int64_t, acc_t) { return acc_t(0); });
 }
@@ -652,11 +662,16 @@ __device__ __forceinline__ typename ScalarTraits<scalar_t>::acc_t dense_segment_
       args.col_weight != nullptr ? static_cast<const acc_t*>(args.col_weight) + task.col_offset : nullptr;
   const acc_t task_param = acc_t(task.param);
   acc_t loss = acc_t(0);
-  for_each_in_segment<true, true>(logits, grad, task.width, [&](int64_t c, acc_t z) {
+  const auto element = [&](int64_t c, acc_t z) {
     acc_t g;
     loss += dense_element<kKind>(z, y[c], dense_param<kKind>(pos_weight, c, task_param), inv_denominator, &g);
     return g;
-  });
+  };
+  if (grad != nullptr) {  // uniform over the block
+    for_each_in_segment<true, true>(logits, grad, task.width, element);
+  } else {
+    for_each_in_segment<true, false>(logits, grad, task.width, element);
+  }
   return block_all_reduce<kRowKernelWarps>(loss, Sum{}, scratch);
 }
 
@@ -690,10 +705,12 @@ __device__ __forceinline__ typename ScalarTraits<scalar_t>::acc_t cross_entropy_
   if (threadIdx.x == 0) {
     store_cross_entropy_stats(args, task, row, terms, stats);
   }
-  for_each_in_segment<true, true>(logits, grad, task.width, [&](int64_t c, acc_t z) {
-    return cross_entropy_element_grad(terms, stats, z, c == y, smoothing_class_weight(class_weight, c, smoothing),
-                                      inv_denominator);
-  });
+  if (grad != nullptr) {  // uniform over the block
+    for_each_in_segment<true, true>(logits, grad, task.width, [&](int64_t c, acc_t z) {
+      return cross_entropy_element_grad(terms, stats, z, c == y, smoothing_class_weight(class_weight, c, smoothing),
+                                        inv_denominator);
+    });
+  }
   return cross_entropy_loss(terms, stats);
 }
 
@@ -733,7 +750,9 @@ __device__ __forceinline__ typename ScalarTraits<scalar_t>::acc_t distillation_s
   for (int64_t c = threadIdx.x; c < task.width; c += blockDim.x) {
     const LossAndGrad<acc_t> e = distillation_element(terms, from_logits, T::to_acc(logits[c]), y[c]);
     loss += e.loss;
-    grad[c] = T::from_acc(e.grad * inv_denominator);
+    if (grad != nullptr) {
+      grad[c] = T::from_acc(e.grad * inv_denominator);
+    }
   }
   return block_all_reduce<kRowKernelWarps>(loss, Sum{}, loss_scratch);
 }
@@ -747,7 +766,7 @@ __global__ void __launch_bounds__(kRowKernelThreads)
   const int64_t row = args.row_begin + local_row;
   const int64_t offset = local_row * args.ld + task.col_offset;
   const scalar_t* logits = static_cast<const scalar_t*>(args.logits) + offset;
-  scalar_t* grad = static_cast<scalar_t*>(args.grad) + offset;
+  scalar_t* grad = args.grad != nullptr ? static_cast<scalar_t*>(args.grad) + offset : nullptr;
   const acc_t inv_denominator =
       inverse_denominator<acc_t>(args.denominator_parts, args.denominator_slots, task.index);
 
@@ -1104,7 +1123,7 @@ cudaError_t launch_segment_losses(InputDType dtype, const TaskBatch& batch, cons
                                   cudaStream_t stream) {
   const auto phase = [](const void* p) { return reinterpret_cast<uintptr_t>(p) % 16; };
   if (!valid_batch(batch) || args.rows <= 0 || args.rows > INT_MAX || args.row_begin % kRowAlignment != 0 ||
-      phase(args.logits) != phase(args.grad)) {
+      (args.grad != nullptr && phase(args.logits) != phase(args.grad))) {
     return cudaErrorInvalidValue;
   }
   // Split the batch: narrow segments get consecutive warp ranges in the warp kernel, wide ones a grid row each.

@@ -62,7 +62,8 @@ struct TaskBatch {
 // The rows one launch_segment_losses call covers (a chunk of the batch, or all of it).
 struct SegmentArgs {
   const void* logits;             // (rows, ld) input dtype, row-major
-  void* grad;                     // (rows, ld) input dtype; may be logits itself (in place); same 16-byte phase
+  void* grad;                     // (rows, ld) input dtype; may be logits itself (in place); same 16-byte phase.
+                                  // Null: losses and row statistics only (multi_task_loss_recompute's forward)
   int64_t rows;                   // rows in this chunk
   int64_t row_begin;              // global index of its first row, a multiple of kRowAlignment
   int64_t ld;                     // row stride of logits / grad (S)
