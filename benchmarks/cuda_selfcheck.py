@@ -11,7 +11,8 @@ importing ``mtlfast``. Then, for random task mixes in fp32 / bf16 / fp16:
 * determinism (two calls give bitwise equal outputs), CUDA-graph capture and replay, T > 64 tasks (several launch
   groups), and an out-of-range class index (that task's loss NaN, its row's gradient 0, other tasks untouched).
 
-Finally it times the op against the plain GEMM on the benchmark shapes (S1, S2, S3, S5 of DESIGN.md §6): "ms"
+Finally it times the op against the plain GEMM on the benchmark shapes (S1, S2, S3, S5 of DESIGN.md §6), and for the
+small-head configs ("+bw" rows) the op's forward and backward against the three GEMMs of a linear layer's step: "ms"
 columns are eager back-to-back calls (host overhead included where the call is host-bound), "graph" columns the
 same call replayed from a CUDA graph (GPU time only), "+peak MiB" the memory one op call allocates at its peak.
 ``--profile`` prints per-kernel GPU times instead.
@@ -410,6 +411,24 @@ def s3_task(i: int) -> Task:
     return Task(MSE, [1, 2][i % 2], nan_fraction=0.1)
 
 
+def fused_step_and_gemms(p: Problem, args):
+    """The small-head op's forward + backward as raw op calls (the backward as autograd runs it for loss.backward():
+    grad_total = 1, no loss or logits gradient), and the three GEMMs of a plain linear layer's step, its lower bound."""
+    ops = torch.ops.mtlfast
+    h, w, b, task_weights, col_task = p.h, p.weight, p.bias, args[4], args[6]
+    one = torch.ones((), dtype=task_weights.dtype, device=h.device)
+    dz = torch.randn(h.shape[0], w.shape[0], device=h.device).to(h.dtype)
+
+    def step():
+        grad_logits = loss_op(*args, False)[1]
+        return ops.multi_task_loss_backward(one, None, task_weights, None, grad_logits, h, w, col_task, b is not None)
+
+    def gemms():
+        return (torch.addmm(b, h, w.t()) if b is not None else h @ w.t()), dz @ w, dz.t() @ h
+
+    return step, gemms
+
+
 def bench_configs(dtype):
     """(name, problem, op, baseline, baseline label) for S1, S2, S3 and S5 (chunked) of DESIGN.md §6."""
     s3 = [s3_task(i) for i in range(16)]
@@ -433,6 +452,7 @@ def bench_configs(dtype):
                 return torch.addmm(b, h, w.t()) if b is not None else h @ w.t()
 
             configs.append((p.name, p, op, gemm, "logits GEMM"))
+            configs.append((f"{p.name}+bw", p, *fused_step_and_gemms(p, args), "3 GEMMs (logits, dh, dW)"))
         else:
             z = h @ w.t()
 
