@@ -226,6 +226,19 @@ def test_backward_op_against_its_formula(dtype, used):
     assert_close(grad_bias, dz.sum(0), dtype, "grad_bias")
 
 
+@requires_gpu
+def test_backward_op_rejects_a_tensor_on_another_device():
+    """The kernel reads its inputs through raw pointers: a CPU tensor among CUDA ones is an error, not a crash."""
+    S, N, D = 4, 5, 3
+    g, h, weight = (torch.randn(shape, device="cuda") for shape in ((N, S), (N, D), (S, D)))
+    one, lam = torch.tensor(1.0, device="cuda"), torch.ones(2, device="cuda")
+    col_task = torch.tensor([0, 1, 1, 0], device="cuda")
+    with pytest.raises(ValueError, match="col_task is on cpu"):
+        torch.ops.mtlfast.multi_task_loss_backward(one, None, lam, None, g, h, weight, col_task.cpu(), True)
+    with pytest.raises(ValueError, match="grad_losses is on cpu"):
+        torch.ops.mtlfast.multi_task_loss_backward(one, lam.cpu(), lam, None, g, h, weight, col_task, True)
+
+
 def test_backward_op_bad_column_task_gives_nan_not_a_read_out_of_bounds():
     """col_task is built by the Python layer; a wrong entry (a task index ≥ T) must not index the (T,) vectors."""
     S, N, D = 4, 5, 3

@@ -384,6 +384,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> multi_task_loss_backward_cuda(
   const bool with_total = grad_total.has_value() && grad_total->defined();
   const bool with_losses = grad_losses.has_value() && grad_losses->defined();
   const bool with_output_grad = grad_logits_output.has_value() && grad_logits_output->defined();
+  // The kernel reads these through raw pointers: a tensor on another device would be an illegal address.
+  const auto check_device = [&](const at::Tensor& tensor, const char* name) {
+    TORCH_CHECK_VALUE(tensor.device() == h.device(), "mtlfast: ", name, " is on ", tensor.device(), " but h is on ",
+                      h.device());
+  };
+  check_device(grad_logits, "grad_logits");
+  check_device(weight, "the head weight");
+  check_device(task_weights, "task_weights");
+  check_device(col_task, "col_task");
+  if (with_total) {
+    check_device(*grad_total, "grad_total");
+  }
+  if (with_losses) {
+    check_device(*grad_losses, "grad_losses");
+  }
+  if (with_output_grad) {
+    check_device(*grad_logits_output, "the logits' gradient");
+  }
   // Conversions are no-ops for the tensors autograd passes (the accumulation dtype, contiguous).
   const at::Tensor g = grad_logits.stride(1) == 1 ? grad_logits : grad_logits.contiguous();
   const at::Tensor weights = task_weights.to(acc).contiguous();
