@@ -122,7 +122,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> recompute_backward(const at::Tens
       at::Tensor grad_weight_rows = grad_weight.narrow(0, begin, width);
       at::mm_out(grad_weight_rows, z.t(), h);
       if (bias.has_value()) {
-        grad_bias.narrow(0, begin, width).copy_(z.sum(0, /*keepdim=*/false, acc_dtype));
+        // Straight into grad_bias's slice in h's dtype: half inputs still accumulate in fp32 inside the reduction.
+        at::Tensor grad_bias_rows = grad_bias.narrow(0, begin, width);
+        at::sum_out(grad_bias_rows, z, /*dim=*/0);
       }
       gemm_to_accumulator(grad_h_acc, z, w, /*accumulate=*/begin > 0);
     }
