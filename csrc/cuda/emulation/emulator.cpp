@@ -9,6 +9,10 @@
 #include <ucontext.h>
 #endif
 
+#if defined(__SANITIZE_ADDRESS__)
+#include <sanitizer/asan_interface.h>
+#endif
+
 #include <algorithm>
 #include <cstdio>
 #include <numeric>
@@ -157,6 +161,17 @@ unsigned char* stack_for(std::size_t index) {
   return stack_pool[index];
 }
 
+// A thread left mid-kernel (its block deadlocked) never unwinds its frames: under AddressSanitizer their redzones
+// would stay poisoned on its stack, which the next launch reuses, and turn that launch's own locals into false
+// stack-buffer-overflow reports.
+void forget_frames(const Fiber& fiber) {
+#if defined(__SANITIZE_ADDRESS__)
+  ASAN_UNPOISON_MEMORY_REGION(fiber.stack, kStackBytes);
+#else
+  (void)fiber;
+#endif
+}
+
 void fail(Block& block, std::string message) {
   if (block.error.empty()) {
     block.error = std::move(message);
@@ -284,6 +299,11 @@ void run_block(Block& block, uint3 block_idx, dim3 grid, dim3 dims, std::uint64_
       fail(block, "deadlock: some threads of block (" + std::to_string(block_idx.x) + ", " +
                       std::to_string(block_idx.y) + ", " + std::to_string(block_idx.z) +
                       ") wait at a barrier the others never reach" + where);
+      for (const Fiber& f : block.fibers) {
+        if (!f.done) {
+          forget_frames(f);
+        }
+      }
       return;
     }
   }
