@@ -19,6 +19,7 @@
 #include <optional>
 #include <tuple>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "dispatch_key.h"
@@ -236,17 +237,25 @@ struct LossPipeline : KernelTasks {
     }
   }
 
-  at::Tensor finalize() {
+  // The losses and the total Σ λ_t L_t (task_weights: (T,), accumulation dtype). With one launch group of small
+  // heads the finalize kernel computes the total too; otherwise it takes one reduction more.
+  std::pair<at::Tensor, at::Tensor> finalize(const at::Tensor& task_weights) {
+    void* inverse = inverse_denominators.defined() ? inverse_denominators.mutable_data_ptr() : nullptr;
+    if (batches.size() == 1 && cuda::finalize_computes_total(batches[0], rows)) {
+      const at::Tensor weights = task_weights.contiguous();
+      at::Tensor total = at::empty({}, losses.options());
+      C10_CUDA_CHECK(cuda::launch_finalize_losses_with_total(
+          dtype, batches[0], rows, denominator_parts.const_data_ptr(), denominator_slots, loss_parts.const_data_ptr(),
+          loss_parts.stride(0), losses.mutable_data_ptr(), inverse, weights.const_data_ptr(), total.mutable_data_ptr(),
+          stream));
+      return {losses, total};
+    }
     for (const cuda::TaskBatch& batch : batches) {
       C10_CUDA_CHECK(cuda::launch_finalize_losses(dtype, batch, rows, denominator_parts.const_data_ptr(),
                                                   denominator_slots, loss_parts.const_data_ptr(),
-                                                  loss_parts.stride(0), losses.mutable_data_ptr(),
-                                                  inverse_denominators.defined()
-                                                      ? inverse_denominators.mutable_data_ptr()
-                                                      : nullptr,
-                                                  stream));
+                                                  loss_parts.stride(0), losses.mutable_data_ptr(), inverse, stream));
     }
-    return losses;
+    return {losses, weighted_total(losses, task_weights)};
   }
 };
 
@@ -304,8 +313,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> multi_task_loss_cuda(
   const at::Tensor grad_logits = return_logits ? at::empty_like(logits) : logits;
   pipeline.compute_denominators();
   pipeline.segment_losses(logits, grad_logits, 0);
-  const at::Tensor losses = pipeline.finalize();
-  return {weighted_total(losses, prepared.task_weights), losses, grad_logits,
+  const auto [losses, total] = pipeline.finalize(prepared.task_weights);
+  return {total, losses, grad_logits,
           return_logits ? logits : at::empty({0}, h.options())};
 }
 
@@ -355,8 +364,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> multi_tas
       gemm_to_accumulator(out, z.narrow(1, offset, width), weight.narrow(0, offset, width), /*accumulate=*/false);
     }
   });
-  const at::Tensor losses = pipeline.finalize();
-  return {weighted_total(losses, prepared.task_weights), losses, grad_h_per_task, grad_weight, grad_bias};
+  const auto [losses, total] = pipeline.finalize(prepared.task_weights);
+  return {total, losses, grad_h_per_task, grad_weight, grad_bias};
 }
 
 // The backward of multi_task_loss: one kernel turns the saved logit gradient into dz (the per-task coefficients
@@ -464,8 +473,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> multi_task_loss_recom
   pipeline.save_row_stats();
   for_each_logits_chunk(pipeline, prepared.h, weight, bias, chunk_rows, /*with_gradient=*/false,
                         [](const at::Tensor&, const at::Tensor&, int64_t) {});
-  const at::Tensor losses = pipeline.finalize();
-  return {weighted_total(losses, prepared.task_weights), losses, pipeline.row_stats, pipeline.inverse_denominators};
+  const auto [losses, total] = pipeline.finalize(prepared.task_weights);
+  return {total, losses, pipeline.row_stats, pipeline.inverse_denominators};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> multi_task_loss_recompute_backward_cuda(

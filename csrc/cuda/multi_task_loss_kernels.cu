@@ -882,6 +882,49 @@ __global__ void __launch_bounds__(kFinalizeThreads)
   }
 }
 
+// The whole batch in one block when it is the op's only launch group and its tasks have few loss partials (small
+// heads): a warp per task, then the total Σ λ_t L_t over the tasks in batch order, so the op needs no separate
+// reduction for it.
+template <typename acc_t>
+__global__ void __launch_bounds__(kFinalizeThreads)
+    finalize_with_total_kernel(const __grid_constant__ TaskBatch batch, int64_t rows, const acc_t* denominator_parts,
+                               int32_t denominator_slots, const acc_t* loss_parts, int64_t loss_parts_stride,
+                               acc_t* losses, acc_t* inverse_denominators, const acc_t* task_weights, acc_t* total) {
+  __shared__ acc_t weighted_losses[kMaxTasksPerLaunch];
+  const int warp = threadIdx.x / kWarpSize;
+  const int lane = threadIdx.x % kWarpSize;
+  for (int k = warp; k < batch.count; k += kFinalizeWarps) {  // uniform over the warp
+    const TaskMeta& task = batch.task[k];
+    const int64_t parts = (rows + rows_per_loss_part(task.width) - 1) / rows_per_loss_part(task.width);
+    const acc_t* task_parts = loss_parts + int64_t(task.index) * loss_parts_stride;
+    acc_t sum = acc_t(0);
+    for (int64_t i = lane; i < parts; i += kWarpSize) {
+      sum += task_parts[i];
+    }
+    sum = group_all_reduce(sum, kWarpSize, Sum{});
+    const acc_t inv_denominator = inverse_denominator<acc_t>(denominator_parts, denominator_slots, task.index);
+    if (lane == 0) {
+      const acc_t loss = sum * inv_denominator;
+      losses[task.index] = loss;
+      if (inverse_denominators != nullptr) {
+        inverse_denominators[task.index] = inv_denominator;
+      }
+      weighted_losses[k] = loss * task_weights[task.index];
+    }
+  }
+  __syncthreads();
+  if (warp == 0) {
+    acc_t sum = acc_t(0);
+    for (int k = lane; k < batch.count; k += kWarpSize) {
+      sum += weighted_losses[k];
+    }
+    sum = group_all_reduce(sum, kWarpSize, Sum{});
+    if (lane == 0) {
+      *total = sum;
+    }
+  }
+}
+
 // ---------------------------------------------------------------------------------------------------------------
 // Logit gradients from saved row statistics (multi_task_loss_recompute's backward): a block per row; the tasks of
 // the batch that meet the block's columns in turn, each over its columns there. Per element only, so the values do
@@ -1175,6 +1218,40 @@ cudaError_t launch_finalize_losses(InputDType dtype, const TaskBatch& batch, int
     finalize_kernel<float><<<batch.count, kFinalizeThreads, 0, stream>>>(
         batch, rows, static_cast<const float*>(denominator_parts), slots, static_cast<const float*>(loss_parts),
         loss_parts_stride, static_cast<float*>(losses), static_cast<float*>(inverse_denominators));
+  }
+  return cudaGetLastError();
+}
+
+bool finalize_computes_total(const TaskBatch& batch, int64_t rows) {
+  if (!valid_batch(batch) || rows <= 0) {
+    return false;
+  }
+  for (int i = 0; i < batch.count; ++i) {
+    const int64_t per_part = rows_per_loss_part(batch.task[i].width);
+    if ((rows + per_part - 1) / per_part > kMaxLossPartsForFinalizeWithTotal) {
+      return false;
+    }
+  }
+  return true;
+}
+
+cudaError_t launch_finalize_losses_with_total(InputDType dtype, const TaskBatch& batch, int64_t rows,
+                                              const void* denominator_parts, int32_t slots, const void* loss_parts,
+                                              int64_t loss_parts_stride, void* losses, void* inverse_denominators,
+                                              const void* task_weights, void* total, cudaStream_t stream) {
+  if (!finalize_computes_total(batch, rows) || task_weights == nullptr || total == nullptr) {
+    return cudaErrorInvalidValue;
+  }
+  if (dtype == InputDType::kDouble) {
+    finalize_with_total_kernel<double><<<1, kFinalizeThreads, 0, stream>>>(
+        batch, rows, static_cast<const double*>(denominator_parts), slots, static_cast<const double*>(loss_parts),
+        loss_parts_stride, static_cast<double*>(losses), static_cast<double*>(inverse_denominators),
+        static_cast<const double*>(task_weights), static_cast<double*>(total));
+  } else {
+    finalize_with_total_kernel<float><<<1, kFinalizeThreads, 0, stream>>>(
+        batch, rows, static_cast<const float*>(denominator_parts), slots, static_cast<const float*>(loss_parts),
+        loss_parts_stride, static_cast<float*>(losses), static_cast<float*>(inverse_denominators),
+        static_cast<const float*>(task_weights), static_cast<float*>(total));
   }
   return cudaGetLastError();
 }

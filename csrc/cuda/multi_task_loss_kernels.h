@@ -12,6 +12,7 @@
 //                               written over the logits (scaled by 1/denominator) -> loss partials (T, N)
 //                               (called once per row chunk by the chunked op)
 //   3. launch_finalize_losses   per task: Σ loss partials in a fixed order × 1/denominator -> losses (T,)
+//      (or launch_finalize_losses_with_total for a single launch group of small heads: the total Σ λ_t L_t too)
 // multi_task_loss_recompute's backward, per block of head columns of the recomputed logits:
 //   4. launch_gradient_from_stats  dz from the row statistics step 2 saved, × c_t / denominator_t, in place
 // multi_task_loss's backward (the GEMMs dh = dz W, dW = dzᵀ h and db = Σ_rows dz are ATen calls in the glue):
@@ -153,6 +154,21 @@ cudaError_t launch_finalize_losses(InputDType dtype, const TaskBatch& batch, int
                                    const void* denominator_parts, int32_t denominator_slots, const void* loss_parts,
                                    int64_t loss_parts_stride, void* losses, void* inverse_denominators,
                                    cudaStream_t stream);
+
+// Loss partials per task up to which one block finalizes a whole launch group (a warp per task; a wide task has a
+// partial per row, a narrow one per warp's rows).
+constexpr int64_t kMaxLossPartsForFinalizeWithTotal = 8192;
+
+// Whether launch_finalize_losses_with_total serves this batch (of `rows` rows; the op's only launch group is the
+// caller's condition).
+bool finalize_computes_total(const TaskBatch& batch, int64_t rows);
+
+// launch_finalize_losses plus *total = Σ_k losses[index_k] · task_weights[index_k] in batch order, in one block.
+cudaError_t launch_finalize_losses_with_total(InputDType dtype, const TaskBatch& batch, int64_t rows,
+                                              const void* denominator_parts, int32_t denominator_slots,
+                                              const void* loss_parts, int64_t loss_parts_stride, void* losses,
+                                              void* inverse_denominators, const void* task_weights, void* total,
+                                              cudaStream_t stream);
 
 // The backward of multi_task_loss_recompute for one block of head columns (a block per row, the tasks of the batch
 // that meet the block's columns in turn): no reduction, so any block boundaries give the same values.
