@@ -299,8 +299,8 @@ def test_targets_in_any_dtype_and_layout(dtype, chunk_rows):
         if not target_dtype.is_floating_point and not task.target_is_index:
             values = values.round()
         given[task.name] = _as_given(values, target_dtype, layout)
-        kernel_dtype = torch.int64 if task.target_is_index else (torch.float64 if dtype == torch.float64 else torch.float32)
-        expected_form[task.name] = given[task.name].to(kernel_dtype).contiguous()
+        acc = torch.float64 if dtype == torch.float64 else torch.float32
+        expected_form[task.name] = given[task.name].to(torch.int64 if task.target_is_index else acc).contiguous()
     kwargs = dict(dtype=dtype, device=DEVICE, chunk_rows=None if chunk_rows == "recompute" else chunk_rows,
                   recompute_logits=True if chunk_rows == "recompute" else None)
     actual = fused_result(dataclasses.replace(case, targets=given), **kwargs)

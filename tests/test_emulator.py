@@ -84,7 +84,9 @@ def test_targets_outside_the_kernel_layout_are_converted_in_one_launch():
     labels = torch.randint(0, 2, (6, 70)).to(torch.bfloat16)
     classes = torch.randint(0, 3, (6, 2))
     targets = {f"b{i}": labels[:, i] for i in range(70)} | {"ce": classes[:, 1]}
-    in_kernel_layout = {name: y.to(torch.int64 if name == "ce" else torch.float32).contiguous() for name, y in targets.items()}
+    in_kernel_layout = {
+        name: y.to(torch.int64 if name == "ce" else torch.float32).contiguous() for name, y in targets.items()
+    }
     # Forward: denominators, segment losses, finalize per group of 64 tasks (2 groups).
     assert _launches(lambda: heads(h, in_kernel_layout).loss) == 6
     assert _launches(lambda: heads(h, targets).loss) == 6 + 2 + 1  # bf16 labels: 2 groups; class indices: 1

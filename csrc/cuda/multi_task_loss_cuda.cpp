@@ -1,7 +1,7 @@
 // CUDA implementations of multi_task_loss and its backward, multi_task_loss_chunked and the recompute pair (semantics:
-// csrc/registration.cpp and DESIGN.md §2). Tensor checks, allocation and the GEMMs (cuBLAS through ATen) live here; the
-// loss kernels live in multi_task_loss_kernels.cu, which is kept free of torch headers (they would multiply its compile
-// time).
+// csrc/registration.cpp and DESIGN.md §2). Tensor checks, allocation and the GEMMs (cuBLAS through ATen) live here;
+// the loss kernels live in multi_task_loss_kernels.cu, which is kept free of torch headers (they would multiply its
+// compile time).
 //
 // Everything runs on the current stream without a host sync: losses stay on the device, and a class index out of
 // range (which the CPU backend reports as an IndexError) turns the task's loss into NaN instead, as does a
@@ -70,10 +70,11 @@ struct KernelTargets {
   std::vector<const void*> pointers;
 };
 
-// The targets of the present tasks in the kernel layout. The ones that are not in it already (bf16 labels of a bf16 model, integer labels of a BCE task, a
-// column of a label matrix) are converted by one launch per kernel dtype into one buffer: an ATen conversion per
-// task would cost a launch and an allocation each (64 of them in a 64-task step). Targets whose batch dims cannot
-// be viewed as one strided row dimension, or of a dtype the kernel does not read, still take Tensor.to.
+// The targets of the present tasks in the kernel layout. The ones that are not in it already (bf16 labels of a bf16
+// model, integer labels of a BCE task, a column of a label matrix) are converted by one launch per kernel dtype into
+// one buffer: an ATen conversion per task would cost a launch and an allocation each (64 of them in a 64-task step).
+// Targets whose batch dims cannot be viewed as one strided row dimension, or of a dtype the kernel does not read, still
+// take Tensor.to.
 KernelTargets kernel_targets(const TaskTable& table, at::TensorList given, const at::Tensor& h, cudaStream_t stream) {
   struct Pending {
     int64_t task;
@@ -263,11 +264,12 @@ at::Tensor head_logits(const at::Tensor& h, const at::Tensor& weight, const c10:
   return bias.has_value() ? at::addmm(*bias, h, weight.t()) : at::mm(h, weight.t());
 }
 
-// The large-head ops' forward loop: the denominators over the whole batch, then per chunk of rows the chunk's logits
-// z = h Wᵀ + b in a reused buffer, the segment pass (z then holds the chunk's logit gradient, unless !with_gradient:
-// losses and row statistics only), and after_chunk(z, h_chunk, first_row). Chunks start at multiples of cuda::kRowAlignment (the loss partial slots cover
-// aligned row groups); the buffer's rows are padded to 16 bytes: with an odd S (e.g. 32000 + 5 + 1 classes) cuBLAS
-// would otherwise fall back to slower kernels for every GEMM that touches the chunk's logits.
+// The large-head ops' forward loop: the denominators over the whole batch, then per chunk of rows the chunk's
+// logits z = h Wᵀ + b in a reused buffer, the segment pass (z then holds the chunk's logit gradient, unless
+// !with_gradient: losses and row statistics only), and after_chunk(z, h_chunk, first_row). Chunks start at multiples
+// of cuda::kRowAlignment (the loss partial slots cover aligned row groups); the buffer's rows are padded to 16 bytes:
+// with an odd S (e.g. 32000 + 5 + 1 classes) cuBLAS would otherwise fall back to slower kernels for every GEMM that
+// touches the chunk's logits.
 template <typename AfterChunk>
 void for_each_logits_chunk(LossPipeline& pipeline, const at::Tensor& h, const at::Tensor& weight,
                            const c10::optional<at::Tensor>& bias, int64_t chunk_rows, bool with_gradient,
