@@ -2,12 +2,15 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/TensorUtils.h>
 #include <c10/util/Exception.h>
 
 #include <c10/util/accumulate.h>
 
 #include <algorithm>
 #include <cmath>
+#include <optional>
 #include <sstream>
 
 #include "mtlfast/loss_math.h"
@@ -59,8 +62,8 @@ std::string shape_string(c10::IntArrayRef sizes) {
 }
 
 // One task's target in the kernel layout: shape, dtype and device checked against what the task expects.
-at::Tensor prepare_target(const TaskTable& table, int64_t t, const at::Tensor& y, const at::Tensor& h,
-                          c10::IntArrayRef batch_shape, at::ScalarType acc, TargetConversion conversion) {
+void check_target(const TaskTable& table, int64_t t, const at::Tensor& y, const at::Tensor& h,
+                  c10::IntArrayRef batch_shape) {
   const int64_t kind = table.kinds[t];
   TORCH_CHECK_TYPE(y.defined(), table.describe(t), ": target is missing (an undefined tensor)");
   TORCH_CHECK_VALUE(y.device() == h.device(), table.describe(t), ": target is on ", y.device(), " but h is on ",
@@ -101,13 +104,87 @@ at::Tensor prepare_target(const TaskTable& table, int64_t t, const at::Tensor& y
                         table.params[t]);
     }
   }
-  // A contiguous tensor of the batch shape (+ C) is already the (N,) / (N, C) row-major array the kernels read:
-  // the common case costs no ATen call (at 64 tasks, a to() and a reshape per task were ~100 us per step).
-  const at::ScalarType wanted = kernel_target_dtype(table, t, acc);
-  if (conversion == TargetConversion::kByBackend || (y.scalar_type() == wanted && y.is_contiguous())) {
-    return y;
+}
+
+// Entry (r, c) of a target viewed as (rows, width), converted as Tensor.to converts (bool -> 0 / 1).
+template <typename Out>
+void copy_target(const at::Tensor& y, int64_t rows, int64_t width, int64_t row_stride, int64_t col_stride, Out* out) {
+  AT_DISPATCH_ALL_TYPES_AND3(at::kBool, at::kHalf, at::kBFloat16, y.scalar_type(), "mtlfast::copy_target", [&] {
+    const scalar_t* source = y.const_data_ptr<scalar_t>();
+    at::parallel_for(0, rows, std::max<int64_t>(1, (int64_t(1) << 15) / width), [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        for (int64_t c = 0; c < width; ++c) {
+          out[r * width + c] = static_cast<Out>(source[r * row_stride + c * col_stride]);
+        }
+      }
+    });
+  });
+}
+
+// TargetConversion::kPerTask: every present task's target as the contiguous (N,) / (N, C_t) array of
+// kernel_target_dtype the kernels read. A contiguous target of that dtype is read in place (the common case costs no
+// ATen call); host targets of another dtype or strided (a column of a label matrix) are copied by plain loops into
+// one buffer per dtype: a Tensor.to per task cost ~7 us each on a 64-task step, 30-40 % of the step with int64 label
+// columns (CPU, S1 shapes). Anything else (device tensors, batch dims no single stride flattens) takes Tensor.to.
+void bring_targets_to_kernel_layout(PreparedInputs& prepared, at::ScalarType acc) {
+  struct Pending {
+    int64_t task;
+    int64_t width;
+    int64_t row_stride;
+    int64_t col_stride;
+    int64_t offset;
+  };
+  const TaskTable& table = prepared.table;
+  const at::ScalarType packed_dtypes[2] = {at::kLong, acc};
+  std::vector<Pending> pending[2];
+  int64_t packed_sizes[2] = {0, 0};
+  prepared.kernel_targets.assign(table.num_tasks(), nullptr);
+  for (int64_t t = 0; t < table.num_tasks(); ++t) {
+    const at::Tensor& y = prepared.targets[t];
+    if (!y.defined()) {
+      continue;
+    }
+    const at::ScalarType wanted = kernel_target_dtype(table, t, acc);
+    if (y.scalar_type() == wanted && y.is_contiguous()) {
+      prepared.kernel_targets[t] = y.const_data_ptr();
+      continue;
+    }
+    const int64_t width = table.class_dims[t] != 0 ? table.width(t) : 1;
+    const int64_t kernel_shape[2] = {table.rows, width};
+    const auto strides = y.is_cpu() ? at::detail::computeStride(y.sizes(), y.strides(), c10::IntArrayRef(kernel_shape))
+                                    : std::nullopt;
+    if (!strides.has_value()) {
+      prepared.target_buffers.push_back(y.to(wanted).contiguous());
+      prepared.kernel_targets[t] = prepared.target_buffers.back().const_data_ptr();
+      continue;
+    }
+    const int which = wanted == at::kLong ? 0 : 1;
+    pending[which].push_back({t, width, (*strides)[0], (*strides)[1], packed_sizes[which]});
+    packed_sizes[which] += table.rows * width;
   }
-  return y.to(wanted).contiguous();
+  for (int which = 0; which < 2; ++which) {
+    if (pending[which].empty()) {
+      continue;
+    }
+    const at::Tensor packed = at::empty({packed_sizes[which]},
+                                        prepared.targets[pending[which][0].task].options().dtype(packed_dtypes[which]));
+    for (const Pending& entry : pending[which]) {
+      const at::Tensor& y = prepared.targets[entry.task];
+      const auto copy = [&](auto* out) {
+        out += entry.offset;
+        copy_target(y, table.rows, entry.width, entry.row_stride, entry.col_stride, out);
+        prepared.kernel_targets[entry.task] = out;
+      };
+      if (which == 0) {
+        copy(packed.mutable_data_ptr<int64_t>());
+      } else if (acc == at::kDouble) {
+        copy(packed.mutable_data_ptr<double>());
+      } else {
+        copy(packed.mutable_data_ptr<float>());
+      }
+    }
+    prepared.target_buffers.push_back(packed);
+  }
 }
 
 }  // namespace
@@ -179,8 +256,12 @@ PreparedInputs prepare_multi_task_inputs(const at::Tensor& h, const at::Tensor& 
                       table.describe(t), ": class_dims must be 0 or 1 (0 for class indices), got ",
                       table.class_dims[t]);
     if (kind != kNone) {
-      prepared.targets[t] = prepare_target(table, t, targets[t], h, batch_shape, acc, conversion);
+      check_target(table, t, targets[t], h, batch_shape);
+      prepared.targets[t] = targets[t];
     }
+  }
+  if (conversion == TargetConversion::kPerTask) {
+    bring_targets_to_kernel_layout(prepared, acc);
   }
   TORCH_CHECK_VALUE(task_weights.dim() == 1 && task_weights.size(0) == T, "mtlfast: task_weights must be (T,) = (",
                     T, ",), got ", task_weights.sizes());
@@ -264,16 +345,15 @@ at::Tensor task_coefficients(const c10::optional<at::Tensor>& grad_total, const 
   return c.defined() ? c : at::zeros({T}, task_weights.options().dtype(acc_dtype));
 }
 
-void check_class_targets_in_range_cpu(const TaskTable& table, at::TensorList targets) {
+void check_class_targets_in_range_cpu(const TaskTable& table, const std::vector<const void*>& kernel_targets) {
   for (int64_t t = 0; t < table.num_tasks(); ++t) {
     if (table.kinds[t] != kCrossEntropy) {
       continue;
     }
-    const at::Tensor y = targets[t].contiguous();
-    const int64_t* data = y.const_data_ptr<int64_t>();
+    const int64_t* data = static_cast<const int64_t*>(kernel_targets[t]);
     const int64_t classes = table.width(t);
     const int64_t ignore = table.ignore_index[t];
-    for (int64_t i = 0; i < y.numel(); ++i) {
+    for (int64_t i = 0; i < table.rows; ++i) {
       const int64_t v = data[i];
       TORCH_CHECK_INDEX(v == ignore || (v >= 0 && v < classes), table.describe(t), ": class index ", v,
                         " at row ", i, " is out of range [0, ", classes, ") (ignore_index is ", ignore, ")");
@@ -281,16 +361,16 @@ void check_class_targets_in_range_cpu(const TaskTable& table, at::TensorList tar
   }
 }
 
-void check_distillation_targets_cpu(const TaskTable& table, at::TensorList targets) {
+void check_distillation_targets_cpu(const TaskTable& table, const std::vector<const void*>& kernel_targets,
+                                   at::ScalarType acc_dtype) {
   for (int64_t t = 0; t < table.num_tasks(); ++t) {
     if (table.kinds[t] != kDistillProbs) {
       continue;
     }
-    const at::Tensor y = targets[t].contiguous();
     const int64_t width = table.width(t);
-    AT_DISPATCH_FLOATING_TYPES(y.scalar_type(), "mtlfast::check_distillation_targets_cpu", [&] {
-      const scalar_t* data = y.const_data_ptr<scalar_t>();
-      for (int64_t i = 0; i < y.numel(); ++i) {
+    AT_DISPATCH_FLOATING_TYPES(acc_dtype, "mtlfast::check_distillation_targets_cpu", [&] {
+      const scalar_t* data = static_cast<const scalar_t*>(kernel_targets[t]);
+      for (int64_t i = 0; i < table.rows * width; ++i) {
         const scalar_t v = data[i];
         // NaN marks a missing row; anything else must be a probability (the row sum is not checked).
         TORCH_CHECK_VALUE(std::isnan(v) || (v >= scalar_t(0) && std::isfinite(v)), table.describe(t),

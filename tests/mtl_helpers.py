@@ -17,7 +17,7 @@ import math
 import os
 import random
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import pytest
 import torch
@@ -223,6 +223,57 @@ def flat_targets(case: Case, dtype: torch.dtype = torch.float64, device=None) ->
         else:
             result.append(y.reshape(rows, task.num_outputs).to(device=device, dtype=dtype))
     return result
+
+
+def _as_given(values: torch.Tensor, dtype: torch.dtype, layout: str) -> torch.Tensor:
+    """``values`` in ``dtype`` and a memory layout a user's targets may come in."""
+    values = values.to(dtype)
+    if layout == "column":  # one column of a wider label matrix: strided, but one stride per dim after flattening
+        return torch.stack([torch.zeros_like(values), values], dim=-1)[..., 1]
+    if layout == "slice":  # the first C columns of a wider (..., 2C) block
+        return torch.cat([values, torch.zeros_like(values)], dim=-1)[..., : values.shape[-1]]
+    if layout == "class_major":  # (..., C) stored class by class: a column stride ≠ 1
+        return values.movedim(-1, 0).contiguous().movedim(0, -1)
+    if layout == "transposed":  # batch dims that no single stride can flatten
+        return values.transpose(0, 1).contiguous().transpose(0, 1)
+    return values
+
+
+# (task, target dtype, layout): every dtype the backends convert in one pass, strided layouts, and layouts that take
+# Tensor.to instead.
+_TARGET_FORMS = [
+    (mf.Classification("ce", num_classes=5, label_smoothing=0.1), torch.int32, "column"),
+    (mf.Classification("ce_long", num_classes=3), torch.int64, "column"),
+    (mf.Classification("ce_byte", num_classes=4), torch.uint8, "transposed"),
+    (mf.Binary("bin_bf16", pos_weight=2.0), torch.bfloat16, "column"),
+    (mf.Binary("bin_bool"), torch.bool, "contiguous"),
+    (mf.Binary("bin_int8"), torch.int8, "column"),
+    (mf.Binary("bin_long"), torch.int64, "transposed"),
+    (mf.MultiLabel("tags", num_labels=4), torch.float16, "class_major"),
+    (mf.Regression("mse", dim=3), torch.float64, "slice"),
+    (mf.Regression("huber", loss="huber", delta=0.5), torch.int16, "contiguous"),
+    (mf.Distillation("kd", 6, temperature=2.0), torch.bfloat16, "class_major"),
+    (mf.Distillation("kd_probs", 3, targets="probs"), torch.float16, "contiguous"),
+]
+
+
+def targets_in_many_forms(seed: int, dtype: torch.dtype, device) -> tuple[Case, Case]:
+    """One problem twice: its targets in the dtypes and layouts of _TARGET_FORMS (on ``device``), and the same values
+    as the contiguous arrays of the dtype the kernels read (int64 class indices, the accumulation dtype of ``dtype``)."""
+    tasks = [task for task, _, _ in _TARGET_FORMS]
+    case = make_case(seed, tasks, batch_shape=(5, 7), features=6, p_missing=0.0)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    given, in_kernel_layout = {}, {}
+    for task, target_dtype, layout in _TARGET_FORMS:
+        values = case.targets[task.name].to(device)
+        if task.kind == mf.LossKind.BCE:
+            values = (values > 0.5).double()  # 0 / 1: exact in every dtype
+        if not target_dtype.is_floating_point and not task.target_is_index:
+            values = values.round()
+        given[task.name] = _as_given(values, target_dtype, layout)
+        in_kernel_layout[task.name] = given[task.name].to(torch.int64 if task.target_is_index else acc).contiguous()
+    return replace(case, targets=given), replace(case, targets=in_kernel_layout)
+
 
 
 # ---------------------------------------------------------------------------------------------------------------

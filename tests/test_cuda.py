@@ -8,7 +8,6 @@ the GPU, plus a small epsilon."""
 
 from __future__ import annotations
 
-import dataclasses
 import random
 
 import pytest
@@ -26,6 +25,7 @@ from mtl_helpers import (
     relative_error,
     requires_cuda,
     requires_gpu,
+    targets_in_many_forms,
 )
 
 pytestmark = [pytest.mark.cuda, requires_cuda]
@@ -252,59 +252,15 @@ def test_backward_op_bad_column_task_gives_nan_not_a_read_out_of_bounds():
     assert torch.isnan(grad_bias.cpu()[bad]).all() and torch.isfinite(grad_bias.cpu()[~bad]).all()
 
 
-def _as_given(values: torch.Tensor, dtype: torch.dtype, layout: str) -> torch.Tensor:
-    """``values`` (on DEVICE) in ``dtype`` and a memory layout a user's targets may come in."""
-    values = values.to(dtype)
-    if layout == "column":  # one column of a wider label matrix: strided, but one stride per dim after flattening
-        return torch.stack([torch.zeros_like(values), values], dim=-1)[..., 1]
-    if layout == "slice":  # the first C columns of a wider (..., 2C) block
-        return torch.cat([values, torch.zeros_like(values)], dim=-1)[..., : values.shape[-1]]
-    if layout == "class_major":  # (..., C) stored class by class: a column stride ≠ 1
-        return values.movedim(-1, 0).contiguous().movedim(0, -1)
-    if layout == "transposed":  # batch dims that no single stride can flatten
-        return values.transpose(0, 1).contiguous().transpose(0, 1)
-    return values
-
-
-# (task, target dtype, layout): every dtype the CUDA glue packs in one launch, strided ones, and layouts that take
-# Tensor.to instead.
-_TARGET_FORMS = [
-    (mf.Classification("ce", num_classes=5, label_smoothing=0.1), torch.int32, "column"),
-    (mf.Classification("ce_long", num_classes=3), torch.int64, "column"),
-    (mf.Classification("ce_byte", num_classes=4), torch.uint8, "transposed"),
-    (mf.Binary("bin_bf16", pos_weight=2.0), torch.bfloat16, "column"),
-    (mf.Binary("bin_bool"), torch.bool, "contiguous"),
-    (mf.Binary("bin_int8"), torch.int8, "column"),
-    (mf.Binary("bin_long"), torch.int64, "transposed"),
-    (mf.MultiLabel("tags", num_labels=4), torch.float16, "class_major"),
-    (mf.Regression("mse", dim=3), torch.float64, "slice"),
-    (mf.Regression("huber", loss="huber", delta=0.5), torch.int16, "contiguous"),
-    (mf.Distillation("kd", 6, temperature=2.0), torch.bfloat16, "class_major"),
-    (mf.Distillation("kd_probs", 3, targets="probs"), torch.float16, "contiguous"),
-]
-
-
 @pytest.mark.parametrize("chunk_rows", [None, 32, "recompute"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
 def test_targets_in_any_dtype_and_layout(dtype, chunk_rows):
     """Targets not in the kernel layout (another dtype, strided) give bitwise the results of the same values given
     contiguous in the kernel dtype, whether the glue packs them in one launch or converts them with Tensor.to."""
-    tasks = [task for task, _, _ in _TARGET_FORMS]
-    case = make_case(14, tasks, batch_shape=(5, 7), features=6, p_missing=0.0)
-    given, expected_form = {}, {}
-    for task, target_dtype, layout in _TARGET_FORMS:
-        values = case.targets[task.name].to(DEVICE)
-        if task.kind == mf.LossKind.BCE:
-            values = (values > 0.5).double()  # 0 / 1: exact in every dtype
-        if not target_dtype.is_floating_point and not task.target_is_index:
-            values = values.round()
-        given[task.name] = _as_given(values, target_dtype, layout)
-        acc = torch.float64 if dtype == torch.float64 else torch.float32
-        expected_form[task.name] = given[task.name].to(torch.int64 if task.target_is_index else acc).contiguous()
     kwargs = dict(dtype=dtype, device=DEVICE, chunk_rows=None if chunk_rows == "recompute" else chunk_rows,
                   recompute_logits=True if chunk_rows == "recompute" else None)
-    actual = fused_result(dataclasses.replace(case, targets=given), **kwargs)
-    expected = fused_result(dataclasses.replace(case, targets=expected_form), **kwargs)
+    given, expected_form = targets_in_many_forms(14, dtype, DEVICE)
+    actual, expected = fused_result(given, **kwargs), fused_result(expected_form, **kwargs)
     assert torch.isfinite(expected.losses).all()
     assert torch.equal(actual.losses, expected.losses) and torch.equal(actual.total, expected.total)
     for name, grad in expected.grads.items():

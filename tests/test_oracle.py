@@ -5,6 +5,7 @@ the bias and the task weights λ."""
 from __future__ import annotations
 
 import random
+from dataclasses import replace
 
 import pytest
 import torch
@@ -18,6 +19,7 @@ from mtl_helpers import (
     linear_logits,
     make_case,
     random_tasks,
+    targets_in_many_forms,
     reference_result,
 )
 
@@ -468,3 +470,29 @@ def test_autocast_bfloat16(chunk_rows):
     assert_close(h.grad, expected.grads["h"], torch.bfloat16, "grad h")
     assert_close(group.weight.grad, expected.grads["weight"], torch.bfloat16, "grad weight")
     assert_close(group.bias.grad, expected.grads["bias"], torch.bfloat16, "grad bias")
+
+
+@pytest.mark.parametrize("chunk_rows, recompute_logits", PATHS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
+def test_targets_in_any_dtype_and_layout_match_the_kernel_layout(dtype, chunk_rows, recompute_logits):
+    """bool / integer / half / double targets, columns of a label matrix, class-major and non-flattenable layouts:
+    bitwise the results of the same values given as contiguous arrays of the kernel dtype (the backends convert
+    them on their own: one pass for all tasks, Tensor.to where that cannot be done)."""
+    given, in_kernel_layout = targets_in_many_forms(14, dtype, "cpu")
+    kwargs = dict(dtype=dtype, chunk_rows=chunk_rows, recompute_logits=recompute_logits)
+    actual, expected = fused_result(given, **kwargs), fused_result(in_kernel_layout, **kwargs)
+    assert torch.isfinite(expected.losses).all()
+    assert torch.equal(actual.losses, expected.losses) and torch.equal(actual.total, expected.total)
+    for name, grad in expected.grads.items():
+        assert torch.equal(actual.grads[name], grad), name
+
+
+@pytest.mark.cpu_kernel_semantics
+def test_out_of_range_class_index_in_a_strided_int32_column_is_reported():
+    tasks = [mf.Classification("topic", num_classes=3), mf.Binary("spam")]
+    case = make_case(5, tasks, batch_shape=(6,), features=4)
+    labels = torch.stack([case.targets["topic"], case.targets["topic"]], dim=1).to(torch.int32)
+    labels[4, 0] = 3
+    with pytest.raises(IndexError, match="task 'topic'.*class index 3 at row 4"):
+        fused_result(replace(case, targets={"topic": labels[:, 0], "spam": case.targets["spam"]}))
+

@@ -154,18 +154,18 @@ double complete_rows(const TaskPass<acc_t>& task, int64_t rows) {
 }
 
 // The whole batch's task description: per-task passes with their gradient scales, the column weights, and the
-// contiguous targets they point into.
+// kernel-layout targets they point into (PreparedInputs::kernel_targets, alive for the op call).
 template <typename acc_t>
 class LossProblem {
  public:
-  LossProblem(const TaskTable& table, at::TensorList targets, const c10::optional<at::Tensor>& col_weight)
+  LossProblem(const TaskTable& table, const std::vector<const void*>& kernel_targets,
+              const c10::optional<at::Tensor>& col_weight)
       : columns_(table.columns),
         col_weight_storage_(col_weight.has_value() ? col_weight->contiguous() : at::Tensor()),
         unit_weights_(col_weight.has_value() ? 0 : table.columns, acc_t(1)),
         col_weight_(col_weight.has_value() ? col_weight_storage_.const_data_ptr<acc_t>() : unit_weights_.data()) {
     const int64_t T = table.num_tasks();
     tasks_.resize(T);
-    target_storage_.resize(T);
     denominators_.assign(T, 0.0);
     for (int64_t t = 0; t < T; ++t) {
       TaskPass<acc_t>& task = tasks_[t];
@@ -177,17 +177,16 @@ class LossProblem {
       if (task.kind == kNone) {
         continue;
       }
-      target_storage_[t] = targets[t].contiguous();
       const acc_t* class_weights = col_weight_ + task.begin;
       if (task.kind == kCrossEntropy) {
-        task.class_targets = target_storage_[t].const_data_ptr<int64_t>();
+        task.class_targets = static_cast<const int64_t*>(kernel_targets[t]);
         max_class_width_ = std::max(max_class_width_, task.width);
         for (int64_t c = 0; c < task.width; ++c) {
           task.sum_class_weights += class_weights[c];
         }
         denominators_[t] = cross_entropy_denominator(task, table.rows, class_weights);
       } else {
-        task.dense_targets = target_storage_[t].const_data_ptr<acc_t>();
+        task.dense_targets = static_cast<const acc_t*>(kernel_targets[t]);
         if (task.kind == kBCE) {
           task.uniform_pos_weight = std::all_of(class_weights, class_weights + task.width,
                                                 [&](acc_t w) { return w == class_weights[0]; });
@@ -249,7 +248,6 @@ class LossProblem {
   const acc_t* col_weight_;          // (S,), never null
   std::vector<TaskPass<acc_t>> tasks_;
   std::vector<double> denominators_;
-  std::vector<at::Tensor> target_storage_;
   int64_t max_class_width_ = 0;
   int64_t max_bce_width_ = 0;
   std::vector<BceColumnRun<acc_t>> bce_column_runs_;
@@ -685,8 +683,9 @@ PreparedInputs prepare_cpu_inputs(const at::Tensor& h, const at::Tensor& weight,
   PreparedInputs prepared = prepare_multi_task_inputs(h, weight, bias, targets, task_weights, col_weight, col_task,
                                                       kinds, col_offsets, class_dims, ignore_index, params,
                                                       task_names);
-  check_class_targets_in_range_cpu(prepared.table, prepared.targets);
-  check_distillation_targets_cpu(prepared.table, prepared.targets);
+  check_class_targets_in_range_cpu(prepared.table, prepared.kernel_targets);
+  check_distillation_targets_cpu(prepared.table, prepared.kernel_targets,
+                                 accumulation_dtype(prepared.h.scalar_type()));
   return prepared;
 }
 
@@ -715,7 +714,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> multi_task_loss_cpu(
                                                      task_names);
   const TaskTable& table = prepared.table;
   const at::Tensor& h = prepared.h;
-  const at::TensorList targets = prepared.targets;
   const at::ScalarType acc_dtype = accumulation_dtype(h.scalar_type());
   const int64_t S = table.columns;
   // The logits, which the loss pass then overwrites with their gradient; each thread computes its own panel of
@@ -726,7 +724,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> multi_task_loss_cpu(
   at::Tensor losses;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, h.scalar_type(), "mtlfast::multi_task_loss (CPU)", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const LossProblem<acc_t> problem(table, targets, col_weight);
+    const LossProblem<acc_t> problem(table, prepared.kernel_targets, col_weight);
     std::vector<double> loss_sums(table.num_tasks(), 0.0);
     scalar_t* grad_data = grad_logits.data_ptr<scalar_t>();
     scalar_t* logits_data = return_logits ? logits.data_ptr<scalar_t>() : nullptr;
@@ -789,7 +787,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> multi_tas
                                                      task_names);
   const TaskTable& table = prepared.table;
   const at::Tensor& h = prepared.h;
-  const at::TensorList targets = prepared.targets;
   TORCH_CHECK_VALUE(chunk_rows > 0, "mtlfast: chunk_rows must be positive, got ", chunk_rows);
   const int64_t N = table.rows;
   const int64_t S = table.columns;
@@ -810,7 +807,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> multi_tas
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, h.scalar_type(), "mtlfast::multi_task_loss_chunked (CPU)",
                                   [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const LossProblem<acc_t> problem(table, targets, col_weight);
+    const LossProblem<acc_t> problem(table, prepared.kernel_targets, col_weight);
     std::vector<double> loss_sums(table.num_tasks(), 0.0);
     for (int64_t first_row = 0; first_row < N; first_row += chunk) {
       const int64_t rows = std::min(chunk, N - first_row);
@@ -856,7 +853,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> multi_task_loss_recom
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, h.scalar_type(),
                                   "mtlfast::multi_task_loss_recompute (CPU)", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    LossProblem<acc_t> problem(table, prepared.targets, col_weight);
+    LossProblem<acc_t> problem(table, prepared.kernel_targets, col_weight);
     problem.save_row_stats(row_stats);
     std::vector<double> loss_sums(table.num_tasks(), 0.0);
     for (int64_t first_row = 0; first_row < N; first_row += chunk) {

@@ -54,7 +54,7 @@ void dense_gradient(scalar_t* z, int64_t n, int64_t kind, const acc_t* y, const 
 // The gradient of block (N, cols) = logits of head columns [col_begin, col_begin + cols), rows in parallel.
 template <typename scalar_t>
 void gradient_from_stats(at::Tensor& block, int64_t col_begin, const TaskTable& table,
-                         const std::vector<at::Tensor>& targets, const c10::optional<at::Tensor>& col_weight,
+                         const std::vector<const void*>& targets, const c10::optional<at::Tensor>& col_weight,
                          const at::Tensor& row_stats, const at::Tensor& scales) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t N = block.size(0);
@@ -83,13 +83,13 @@ void gradient_from_stats(at::Tensor& block, int64_t col_begin, const TaskTable& 
         if (kind == kNone) {
           std::fill(z, z + n, scalar_t(0));
         } else if (kind == kCrossEntropy) {
-          cross_entropy_gradient(z, n, first_class, targets[t].const_data_ptr<int64_t>()[i], row_stats_i,
+          cross_entropy_gradient(z, n, first_class, static_cast<const int64_t*>(targets[t])[i], row_stats_i,
                                  task_weights, scale[t]);
         } else if (is_distillation(kind)) {
-          const acc_t* y = targets[t].const_data_ptr<acc_t>() + i * width + first_class;
+          const acc_t* y = static_cast<const acc_t*>(targets[t]) + i * width + first_class;
           distillation_gradient(z, n, y, row_stats_i, param, distillation_targets_are_logits(kind), scale[t]);
         } else {
-          const acc_t* y = targets[t].const_data_ptr<acc_t>() + i * width + first_class;
+          const acc_t* y = static_cast<const acc_t*>(targets[t]) + i * width + first_class;
           dense_gradient(z, n, kind, y, task_weights != nullptr ? task_weights + first_class : nullptr, param,
                          scale[t]);
         }
@@ -115,8 +115,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> multi_task_loss_recompute_backwar
   const auto block_gradient = [&](at::Tensor& block, int64_t col_begin) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, block.scalar_type(),
                                     "mtlfast::multi_task_loss_recompute_backward (CPU)", [&] {
-      gradient_from_stats<scalar_t>(block, col_begin, in.prepared.table, in.prepared.targets, weights, in.row_stats,
-                                    in.scales);
+      gradient_from_stats<scalar_t>(block, col_begin, in.prepared.table, in.prepared.kernel_targets, weights,
+                                    in.row_stats, in.scales);
     });
   };
   auto [grad_h, grad_weight, grad_bias] = recompute_backward(in.prepared.h, weight, bias, block_columns,

@@ -37,9 +37,12 @@ enum class TargetConversion { kPerTask, kByBackend };
 struct PreparedInputs {
   TaskTable table;
   at::Tensor h;                     // (N, D): h with its batch dims flattened
-  // Per task, of the batch shape (+ C_t), undefined when the task is absent. With TargetConversion::kPerTask
-  // contiguous and of kernel_target_dtype: read as an (N,) / (N, C_t) row-major array; with kByBackend as given.
+  // Per task, the target as given (validated: batch shape (+ C_t)), undefined when the task is absent.
   std::vector<at::Tensor> targets;
+  // TargetConversion::kPerTask only: per task the (N,) / (N, C_t) row-major array of kernel_target_dtype the kernels
+  // read (null when absent): targets[t]'s own data, or a slice of one of target_buffers. Empty with kByBackend.
+  std::vector<const void*> kernel_targets;
+  std::vector<at::Tensor> target_buffers;
   at::Tensor task_weights;          // (T,) accumulation dtype
 };
 
@@ -72,10 +75,11 @@ at::ScalarType accumulation_dtype(at::ScalarType input_dtype);
 
 // CPU only (reading values on a GPU would need a host sync): every class index is in [0, C) or ignore_index.
 // Raises IndexError naming the task, the offending value and its row.
-void check_class_targets_in_range_cpu(const TaskTable& table, at::TensorList targets);
+void check_class_targets_in_range_cpu(const TaskTable& table, const std::vector<const void*>& kernel_targets);
 
 // CPU only, like the class index check: every entry of a distillation task's probability targets is NaN (the row
 // is missing) or a finite non-negative number. Raises ValueError naming the task, the value, its row and class.
-void check_distillation_targets_cpu(const TaskTable& table, at::TensorList targets);
+void check_distillation_targets_cpu(const TaskTable& table, const std::vector<const void*>& kernel_targets,
+                                   at::ScalarType acc_dtype);
 
 }  // namespace mtlfast
