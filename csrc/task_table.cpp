@@ -50,6 +50,59 @@ at::ScalarType kernel_target_dtype(const TaskTable& table, int64_t task, at::Sca
 
 namespace {
 
+bool copyable_target_dtype(at::ScalarType type) {
+  switch (type) {
+    case at::kBool:
+    case at::kByte:
+    case at::kChar:
+    case at::kShort:
+    case at::kInt:
+    case at::kLong:
+    case at::kHalf:
+    case at::kBFloat16:
+    case at::kFloat:
+    case at::kDouble:
+      return true;
+    default:
+      return false;
+  }
+}
+
+}  // namespace
+
+TargetPlan plan_kernel_targets(const TaskTable& table, at::TensorList targets, at::ScalarType acc_dtype) {
+  TargetPlan plan;
+  plan.buffer_dtypes[1] = acc_dtype;
+  plan.pointers.assign(table.num_tasks(), nullptr);
+  for (int64_t t = 0; t < table.num_tasks(); ++t) {
+    const at::Tensor& y = targets[t];
+    if (!y.defined()) {
+      continue;
+    }
+    const at::ScalarType wanted = kernel_target_dtype(table, t, acc_dtype);
+    if (y.scalar_type() == wanted && y.is_contiguous()) {
+      plan.pointers[t] = y.const_data_ptr();
+      continue;
+    }
+    const int64_t width = table.class_dims[t] != 0 ? table.width(t) : 1;
+    const int64_t kernel_shape[2] = {table.rows, width};
+    const auto strides = copyable_target_dtype(y.scalar_type())
+                             ? at::detail::computeStride(y.sizes(), y.strides(), c10::IntArrayRef(kernel_shape))
+                             : std::nullopt;
+    if (!strides.has_value()) {
+      plan.converted.push_back(y.to(wanted).contiguous());
+      plan.pointers[t] = plan.converted.back().const_data_ptr();
+      continue;
+    }
+    const int which = wanted == at::kLong ? 0 : 1;
+    plan.copies[which].push_back({t, width, (*strides)[0], (*strides)[1], plan.buffer_sizes[which]});
+    plan.buffer_sizes[which] += table.rows * width;
+  }
+  return plan;
+}
+
+namespace {
+
 // "(4, 3)" / "(4,)": shapes as Python prints them, as the user wrote them.
 std::string shape_string(c10::IntArrayRef sizes) {
   std::ostringstream out;
@@ -121,70 +174,37 @@ void copy_target(const at::Tensor& y, int64_t rows, int64_t width, int64_t row_s
   });
 }
 
-// TargetConversion::kPerTask: every present task's target as the contiguous (N,) / (N, C_t) array of
-// kernel_target_dtype the kernels read. A contiguous target of that dtype is read in place (the common case costs no
-// ATen call); host targets of another dtype or strided (a column of a label matrix) are copied by plain loops into
-// one buffer per dtype: a Tensor.to per task cost ~7 us each on a 64-task step, 30-40 % of the step with int64 label
-// columns (CPU, S1 shapes). Anything else (device tensors, batch dims no single stride flattens) takes Tensor.to.
+// TargetConversion::kPerTask, on the host: the plan's copies made by plain loops (a Tensor.to per task cost ~7 us
+// each on a 64-task step, 25-30 % of the step with int64 label columns; CPU, S1 shapes).
 void bring_targets_to_kernel_layout(PreparedInputs& prepared, at::ScalarType acc) {
-  struct Pending {
-    int64_t task;
-    int64_t width;
-    int64_t row_stride;
-    int64_t col_stride;
-    int64_t offset;
-  };
   const TaskTable& table = prepared.table;
-  const at::ScalarType packed_dtypes[2] = {at::kLong, acc};
-  std::vector<Pending> pending[2];
-  int64_t packed_sizes[2] = {0, 0};
-  prepared.kernel_targets.assign(table.num_tasks(), nullptr);
-  for (int64_t t = 0; t < table.num_tasks(); ++t) {
-    const at::Tensor& y = prepared.targets[t];
-    if (!y.defined()) {
-      continue;
-    }
-    const at::ScalarType wanted = kernel_target_dtype(table, t, acc);
-    if (y.scalar_type() == wanted && y.is_contiguous()) {
-      prepared.kernel_targets[t] = y.const_data_ptr();
-      continue;
-    }
-    const int64_t width = table.class_dims[t] != 0 ? table.width(t) : 1;
-    const int64_t kernel_shape[2] = {table.rows, width};
-    const auto strides = y.is_cpu() ? at::detail::computeStride(y.sizes(), y.strides(), c10::IntArrayRef(kernel_shape))
-                                    : std::nullopt;
-    if (!strides.has_value()) {
-      prepared.target_buffers.push_back(y.to(wanted).contiguous());
-      prepared.kernel_targets[t] = prepared.target_buffers.back().const_data_ptr();
-      continue;
-    }
-    const int which = wanted == at::kLong ? 0 : 1;
-    pending[which].push_back({t, width, (*strides)[0], (*strides)[1], packed_sizes[which]});
-    packed_sizes[which] += table.rows * width;
-  }
+  TargetPlan plan = plan_kernel_targets(table, prepared.targets, acc);
   for (int which = 0; which < 2; ++which) {
-    if (pending[which].empty()) {
+    if (plan.copies[which].empty()) {
       continue;
     }
-    const at::Tensor packed = at::empty({packed_sizes[which]},
-                                        prepared.targets[pending[which][0].task].options().dtype(packed_dtypes[which]));
-    for (const Pending& entry : pending[which]) {
-      const at::Tensor& y = prepared.targets[entry.task];
-      const auto copy = [&](auto* out) {
-        out += entry.offset;
-        copy_target(y, table.rows, entry.width, entry.row_stride, entry.col_stride, out);
-        prepared.kernel_targets[entry.task] = out;
+    const at::TensorOptions options = prepared.targets[plan.copies[which].front().task].options();
+    const at::Tensor buffer = at::empty({plan.buffer_sizes[which]}, options.dtype(plan.buffer_dtypes[which]));
+    for (const TargetPlan::Copy& copy : plan.copies[which]) {
+      const at::Tensor& y = prepared.targets[copy.task];
+      TORCH_INTERNAL_ASSERT(y.is_cpu(), "mtlfast: host conversion of a ", y.device(), " target");
+      const auto make = [&](auto* out) {
+        out += copy.offset;
+        copy_target(y, table.rows, copy.width, copy.row_stride, copy.col_stride, out);
+        plan.pointers[copy.task] = out;
       };
       if (which == 0) {
-        copy(packed.mutable_data_ptr<int64_t>());
+        make(buffer.mutable_data_ptr<int64_t>());
       } else if (acc == at::kDouble) {
-        copy(packed.mutable_data_ptr<double>());
+        make(buffer.mutable_data_ptr<double>());
       } else {
-        copy(packed.mutable_data_ptr<float>());
+        make(buffer.mutable_data_ptr<float>());
       }
     }
-    prepared.target_buffers.push_back(packed);
+    plan.converted.push_back(buffer);
   }
+  prepared.kernel_targets = std::move(plan.pointers);
+  prepared.target_buffers = std::move(plan.converted);
 }
 
 }  // namespace

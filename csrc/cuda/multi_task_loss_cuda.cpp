@@ -7,7 +7,6 @@
 // range (which the CPU backend reports as an IndexError) turns the task's loss into NaN instead, as does a
 // negative or infinite distillation probability (a ValueError on the CPU).
 #include <ATen/ATen.h>
-#include <ATen/TensorUtils.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -16,7 +15,6 @@
 
 #include <algorithm>
 #include <limits>
-#include <optional>
 #include <tuple>
 #include <type_traits>
 #include <utility>
@@ -47,7 +45,7 @@ cuda::InputDType kernel_dtype(at::ScalarType type) {
   return cuda::InputDType::kBFloat16;
 }
 
-std::optional<cuda::TargetSourceDType> target_source_dtype(at::ScalarType type) {
+cuda::TargetSourceDType target_source_dtype(at::ScalarType type) {
   switch (type) {
     case at::kBool: return cuda::TargetSourceDType::kBool;
     case at::kByte: return cuda::TargetSourceDType::kUInt8;
@@ -58,82 +56,45 @@ std::optional<cuda::TargetSourceDType> target_source_dtype(at::ScalarType type) 
     case at::kHalf: return cuda::TargetSourceDType::kHalf;
     case at::kBFloat16: return cuda::TargetSourceDType::kBFloat16;
     case at::kFloat: return cuda::TargetSourceDType::kFloat;
-    case at::kDouble: return cuda::TargetSourceDType::kDouble;
-    default: return std::nullopt;
+    default:
+      TORCH_CHECK(type == at::kDouble, "mtlfast: no packed conversion of ", type, " targets");  // plan_kernel_targets
+      return cuda::TargetSourceDType::kDouble;
   }
 }
 
-// Where the kernels read each task's targets: the tensors (kept alive until the kernels are enqueued) and per task a
-// pointer to its targets in the kernel layout (kernel_target_dtype, row-major (N,) / (N, C_t)); null if absent.
-struct KernelTargets {
-  std::vector<at::Tensor> tensors;
-  std::vector<const void*> pointers;
-};
-
-// The targets of the present tasks in the kernel layout. The ones that are not in it already (bf16 labels of a bf16
-// model, integer labels of a BCE task, a column of a label matrix) are converted by one launch per kernel dtype into
-// one buffer: an ATen conversion per task would cost a launch and an allocation each (64 of them in a 64-task step).
-// Targets whose batch dims cannot be viewed as one strided row dimension, or of a dtype the kernel does not read, still
-// take Tensor.to.
-KernelTargets kernel_targets(const TaskTable& table, at::TensorList given, const at::Tensor& h, cudaStream_t stream) {
-  struct Pending {
-    int64_t task;
-    cuda::TargetCopy copy;
-  };
+// The targets of the present tasks in the kernel layout (plan_kernel_targets): the planned copies (bf16 labels of a
+// bf16 model, integer labels, columns of a label matrix) made by one launch per kernel dtype and 64 tasks, not an
+// ATen conversion (a launch and an allocation) per task. plan.converted keeps what the pointers point into alive.
+TargetPlan kernel_targets(const TaskTable& table, at::TensorList given, const at::Tensor& h, cudaStream_t stream) {
   const at::ScalarType acc = accumulation_dtype(h.scalar_type());
-  const at::ScalarType packed_dtypes[2] = {at::kLong, acc};
+  TargetPlan plan = plan_kernel_targets(table, given, acc);
   const cuda::TargetKernelDType kernel_dtypes[2] = {
       cuda::TargetKernelDType::kLong,
       acc == at::kDouble ? cuda::TargetKernelDType::kDouble : cuda::TargetKernelDType::kFloat};
-  std::vector<Pending> pending[2];
-  int64_t packed_sizes[2] = {0, 0};
-  KernelTargets targets{{}, std::vector<const void*>(table.num_tasks(), nullptr)};
-  targets.tensors.reserve(table.num_tasks());
-  for (int64_t t = 0; t < table.num_tasks(); ++t) {
-    if (table.kinds[t] == kNone) {
-      continue;
-    }
-    const at::Tensor& y = given[t];
-    const at::ScalarType wanted = kernel_target_dtype(table, t, acc);
-    if (y.scalar_type() == wanted && y.is_contiguous()) {
-      targets.tensors.push_back(y);
-      targets.pointers[t] = y.const_data_ptr();
-      continue;
-    }
-    const int64_t width = table.class_dims[t] != 0 ? table.width(t) : 1;
-    const std::optional<cuda::TargetSourceDType> source_dtype = target_source_dtype(y.scalar_type());
-    const auto strides = at::detail::computeStride(y.sizes(), y.strides(), c10::IntArrayRef{table.rows, width});
-    if (!source_dtype.has_value() || !strides.has_value()) {
-      targets.tensors.push_back(y.to(wanted).contiguous());
-      targets.pointers[t] = targets.tensors.back().const_data_ptr();
-      continue;
-    }
-    const int which = wanted == at::kLong ? 0 : 1;
-    pending[which].push_back({t, {y.const_data_ptr(), (*strides)[0], (*strides)[1], width, packed_sizes[which],
-                                  *source_dtype}});
-    packed_sizes[which] += table.rows * width;
-  }
   for (int which = 0; which < 2; ++which) {
-    if (pending[which].empty()) {
+    const std::vector<TargetPlan::Copy>& copies = plan.copies[which];
+    if (copies.empty()) {
       continue;
     }
-    const at::Tensor packed = at::empty({packed_sizes[which]}, h.options().dtype(packed_dtypes[which]));
-    for (size_t begin = 0; begin < pending[which].size(); begin += cuda::kMaxTasksPerLaunch) {
+    const at::Tensor buffer = at::empty({plan.buffer_sizes[which]}, h.options().dtype(plan.buffer_dtypes[which]));
+    for (size_t begin = 0; begin < copies.size(); begin += cuda::kMaxTasksPerLaunch) {
       cuda::TargetCopyBatch batch{};
-      const size_t end = std::min(pending[which].size(), begin + cuda::kMaxTasksPerLaunch);
+      const size_t end = std::min(copies.size(), begin + cuda::kMaxTasksPerLaunch);
       for (size_t i = begin; i < end; ++i) {
-        batch.copy[batch.count++] = pending[which][i].copy;
+        const at::Tensor& y = given[copies[i].task];
+        batch.copy[batch.count++] = {y.const_data_ptr(), copies[i].row_stride, copies[i].col_stride, copies[i].width,
+                                     copies[i].offset, target_source_dtype(y.scalar_type())};
       }
       C10_CUDA_CHECK(
-          cuda::launch_pack_targets(kernel_dtypes[which], batch, table.rows, packed.mutable_data_ptr(), stream));
+          cuda::launch_pack_targets(kernel_dtypes[which], batch, table.rows, buffer.mutable_data_ptr(), stream));
     }
-    const auto* base = static_cast<const char*>(packed.const_data_ptr());
-    for (const Pending& entry : pending[which]) {
-      targets.pointers[entry.task] = base + entry.copy.offset * packed.element_size();
+    const auto* base = static_cast<const char*>(buffer.const_data_ptr());
+    for (const TargetPlan::Copy& copy : copies) {
+      plan.pointers[copy.task] = base + copy.offset * buffer.element_size();
     }
-    targets.tensors.push_back(packed);
+    plan.converted.push_back(buffer);
   }
-  return targets;
+  return plan;
 }
 
 // The validated inputs of one op call in the layout the kernels read: the task metadata in launch groups, the
@@ -141,7 +102,7 @@ KernelTargets kernel_targets(const TaskTable& table, at::TensorList given, const
 struct KernelTasks {
   cuda::InputDType dtype;
   int64_t rows;
-  KernelTargets targets;
+  TargetPlan targets;  // kernel_targets: targets.pointers[t] is what the kernels read
   c10::optional<at::Tensor> col_weight;
   std::vector<cuda::TaskBatch> batches;
   cudaStream_t stream;

@@ -62,6 +62,29 @@ PreparedInputs prepare_multi_task_inputs(const at::Tensor& h, const at::Tensor& 
 // The dtype the kernels read task t's targets in: int64 class indices, else the accumulation dtype.
 at::ScalarType kernel_target_dtype(const TaskTable& table, int64_t task, at::ScalarType acc_dtype);
 
+// How a backend brings the targets to the kernel layout (kernel_target_dtype, row-major (N,) / (N, C_t)) without an
+// ATen call per task: a target already in it is read in place; one of a common dtype whose (N, width) view needs
+// one stride per dim (a column of a label matrix, class-major storage) is copied, with every other such target,
+// into one buffer per kernel dtype (the backend's one pass); anything else is converted with Tensor.to here.
+struct TargetPlan {
+  struct Copy {
+    int64_t task;
+    int64_t width;       // 1 for (N,) targets
+    int64_t row_stride;  // entry (r, c) of the target at r * row_stride + c * col_stride (elements)
+    int64_t col_stride;
+    int64_t offset;      // of its first entry in the buffer
+  };
+  std::vector<const void*> pointers;  // per task; null for absent tasks and, until the backend makes them, copies
+  std::vector<at::Tensor> converted;  // the Tensor.to results the pointers point into
+  std::vector<Copy> copies[2];        // into the int64 buffer (class indices) / the accumulation-dtype one
+  int64_t buffer_sizes[2] = {0, 0};
+  at::ScalarType buffer_dtypes[2] = {at::kLong, at::kFloat};
+};
+
+// targets: per task, validated (batch shape (+ C_t), h's device) or undefined when absent. Copies are only planned
+// for bool, (u)int8/16/32/64-bit integer and half / bfloat16 / float / double targets.
+TargetPlan plan_kernel_targets(const TaskTable& table, at::TensorList targets, at::ScalarType acc_dtype);
+
 // Σ_t λ_t L_t as a 0-dim tensor (losses and task_weights in the accumulation dtype, on one device).
 at::Tensor weighted_total(const at::Tensor& losses, const at::Tensor& task_weights);
 
