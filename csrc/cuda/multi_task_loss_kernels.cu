@@ -108,6 +108,11 @@ __host__ __device__ __forceinline__ int rows_per_loss_part(int64_t width) {
   return width > kMaxWarpSegmentWidth ? 1 : kWarpSize / group_width(width);
 }
 
+// Loss partial slots of a task of `width` columns over `rows` rows (one per warp of the warp kernel for narrow ones).
+__host__ __device__ __forceinline__ int64_t loss_part_count(int64_t rows, int64_t width) {
+  return (rows + rows_per_loss_part(width) - 1) / rows_per_loss_part(width);
+}
+
 // Running softmax statistics of one cross-entropy row (or of the part of it one thread has seen).
 template <typename acc_t>
 struct SoftmaxStats {
@@ -865,8 +870,7 @@ __global__ void __launch_bounds__(kFinalizeThreads)
                     acc_t* inverse_denominators) {
   __shared__ acc_t scratch[kFinalizeWarps];
   const TaskMeta& task = batch.task[blockIdx.x];
-  const int rows_per_part = rows_per_loss_part(task.width);
-  const int64_t parts = (rows + rows_per_part - 1) / rows_per_part;
+  const int64_t parts = loss_part_count(rows, task.width);
   const acc_t* task_parts = loss_parts + int64_t(task.index) * loss_parts_stride;
   acc_t sum = acc_t(0);
   for (int64_t i = threadIdx.x; i < parts; i += blockDim.x) {
@@ -895,7 +899,7 @@ __global__ void __launch_bounds__(kFinalizeThreads)
   const int lane = threadIdx.x % kWarpSize;
   for (int k = warp; k < batch.count; k += kFinalizeWarps) {  // uniform over the warp
     const TaskMeta& task = batch.task[k];
-    const int64_t parts = (rows + rows_per_loss_part(task.width) - 1) / rows_per_loss_part(task.width);
+    const int64_t parts = loss_part_count(rows, task.width);
     const acc_t* task_parts = loss_parts + int64_t(task.index) * loss_parts_stride;
     acc_t sum = acc_t(0);
     for (int64_t i = lane; i < parts; i += kWarpSize) {
@@ -1179,7 +1183,7 @@ cudaError_t launch_segment_losses(InputDType dtype, const TaskBatch& batch, cons
       wide.task[wide.count++] = task;
     } else {
       task.first_warp = static_cast<int32_t>(warps);
-      warps += (args.rows + rows_per_loss_part(task.width) - 1) / rows_per_loss_part(task.width);
+      warps += loss_part_count(args.rows, task.width);
       if (warps > INT_MAX - kWarpKernelThreads) {
         return cudaErrorInvalidValue;
       }
@@ -1227,8 +1231,7 @@ bool finalize_computes_total(const TaskBatch& batch, int64_t rows) {
     return false;
   }
   for (int i = 0; i < batch.count; ++i) {
-    const int64_t per_part = rows_per_loss_part(batch.task[i].width);
-    if ((rows + per_part - 1) / per_part > kMaxLossPartsForFinalizeWithTotal) {
+    if (loss_part_count(rows, batch.task[i].width) > kMaxLossPartsForFinalizeWithTotal) {
       return false;
     }
   }
