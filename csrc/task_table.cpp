@@ -114,7 +114,7 @@ std::string shape_string(c10::IntArrayRef sizes) {
   return out.str();
 }
 
-// One task's target in the kernel layout: shape, dtype and device checked against what the task expects.
+// One task's target: shape, dtype and device checked against what the task expects (no conversion here).
 void check_target(const TaskTable& table, int64_t t, const at::Tensor& y, const at::Tensor& h,
                   c10::IntArrayRef batch_shape) {
   const int64_t kind = table.kinds[t];
@@ -174,7 +174,7 @@ void copy_target(const at::Tensor& y, int64_t rows, int64_t width, int64_t row_s
   });
 }
 
-// TargetConversion::kPerTask, on the host: the plan's copies made by plain loops (a Tensor.to per task cost ~7 us
+// TargetConversion::kOnHost, on the host: the plan's copies made by plain loops (a Tensor.to per task cost ~7 us
 // each on a 64-task step, 25-30 % of the step with int64 label columns; CPU, S1 shapes).
 void bring_targets_to_kernel_layout(PreparedInputs& prepared, at::ScalarType acc) {
   const TaskTable& table = prepared.table;
@@ -280,7 +280,7 @@ PreparedInputs prepare_multi_task_inputs(const at::Tensor& h, const at::Tensor& 
       prepared.targets[t] = targets[t];
     }
   }
-  if (conversion == TargetConversion::kPerTask) {
+  if (conversion == TargetConversion::kOnHost) {
     bring_targets_to_kernel_layout(prepared, acc);
   }
   TORCH_CHECK_VALUE(task_weights.dim() == 1 && task_weights.size(0) == T, "mtlfast: task_weights must be (T,) = (",

@@ -271,7 +271,7 @@ _KIND_NAMES = {
 
 
 def _prepare_target(y, where, kind, width, class_dim, param, h, batch_shape, acc):
-    """One task's target in the kernel layout, as csrc/task_table.cpp's prepare_target (same checks, messages)."""
+    """One task's target in the kernel layout, with csrc/task_table.cpp's check_target's checks and messages."""
     if y.device != h.device:
         raise ValueError(f"{where}: target is on {y.device} but h is on {h.device}")
     expected = tuple(batch_shape) + ((width,) if class_dim else ())

@@ -109,7 +109,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> multi_task_loss_recompute_backwar
   const RecomputeBackwardInputs in = prepare_recompute_backward(
       grad_total, grad_losses, task_weights, h_in, weight, bias, targets_in, col_weight, col_task, row_stats,
       inverse_denominators, kinds, col_offsets, class_dims, ignore_index, params, task_names,
-      TargetConversion::kPerTask);
+      TargetConversion::kOnHost);
   const c10::optional<at::Tensor> weights =
       col_weight.has_value() ? c10::optional<at::Tensor>(col_weight->contiguous()) : c10::nullopt;
   const auto block_gradient = [&](at::Tensor& block, int64_t col_begin) {

@@ -29,9 +29,9 @@ struct TaskTable {
 };
 
 // Who brings targets that are not yet in the kernel layout (another dtype, strided: a column of a label matrix)
-// there: prepare_multi_task_inputs, one ATen call per such task, or the backend, which converts them all at once
-// (CUDA: one launch, where a call per task costs more host time than a small head's whole loss pass).
-enum class TargetConversion { kPerTask, kByBackend };
+// there: prepare_multi_task_inputs, with host loops (the CPU backends), or the backend itself (CUDA: one launch). Both
+// follow plan_kernel_targets, so either way it is one pass for all tasks, not an ATen call per task.
+enum class TargetConversion { kOnHost, kByBackend };
 
 // A forward op's inputs, validated, in the layout the kernels read.
 struct PreparedInputs {
@@ -39,7 +39,7 @@ struct PreparedInputs {
   at::Tensor h;                     // (N, D): h with its batch dims flattened
   // Per task, the target as given (validated: batch shape (+ C_t)), undefined when the task is absent.
   std::vector<at::Tensor> targets;
-  // TargetConversion::kPerTask only: per task the (N,) / (N, C_t) row-major array of kernel_target_dtype the kernels
+  // TargetConversion::kOnHost only: per task the (N,) / (N, C_t) row-major array of kernel_target_dtype the kernels
   // read (null when absent): targets[t]'s own data, or a slice of one of target_buffers. Empty with kByBackend.
   std::vector<const void*> kernel_targets;
   std::vector<at::Tensor> target_buffers;
@@ -57,7 +57,7 @@ PreparedInputs prepare_multi_task_inputs(const at::Tensor& h, const at::Tensor& 
                                          c10::IntArrayRef col_offsets, c10::IntArrayRef class_dims,
                                          c10::IntArrayRef ignore_index, c10::ArrayRef<double> params,
                                          const std::vector<std::string>& task_names,
-                                         TargetConversion conversion = TargetConversion::kPerTask);
+                                         TargetConversion conversion = TargetConversion::kOnHost);
 
 // The dtype the kernels read task t's targets in: int64 class indices, else the accumulation dtype.
 at::ScalarType kernel_target_dtype(const TaskTable& table, int64_t task, at::ScalarType acc_dtype);
