@@ -26,9 +26,19 @@
 #include "mtlfast/op_signatures.h"
 #include "mtlfast/recompute_backward.h"
 #include "mtlfast/task_table.h"
+#ifndef MTLFAST_CUDA_EMULATION
+#include "cublas_accumulate.h"
+#endif
 
 namespace mtlfast {
 namespace {
+
+// The fp32-accumulated GEMMs of the large-head paths (dh over column blocks, dW over row chunks).
+#ifdef MTLFAST_CUDA_EMULATION
+constexpr AccumulatingGemm accumulate_gemm = &gemm_to_accumulator;  // no cuBLAS: ATen's CPU GEMMs stand in
+#else
+constexpr AccumulatingGemm accumulate_gemm = &cuda::gemm_to_accumulator_cublas;
+#endif
 
 cuda::InputDType kernel_dtype(at::ScalarType type) {
   if (type == at::kFloat) {
@@ -225,12 +235,21 @@ at::Tensor head_logits(const at::Tensor& h, const at::Tensor& weight, const c10:
   return bias.has_value() ? at::addmm(*bias, h, weight.t()) : at::mm(h, weight.t());
 }
 
+// z = h Wᵀ + b into z's memory.
+void head_logits_into(at::Tensor& z, const at::Tensor& h, const at::Tensor& weight, const c10::optional<at::Tensor>& bias) {
+  if (bias.has_value()) {
+    at::addmm_out(z, *bias, h, weight.t());
+  } else {
+    at::mm_out(z, h, weight.t());
+  }
+}
+
 // The large-head ops' forward loop: the denominators over the whole batch, then per chunk of rows the chunk's
 // logits z = h Wᵀ + b in a reused buffer, the segment pass (z then holds the chunk's logit gradient, unless
 // !with_gradient: losses and row statistics only), and after_chunk(z, h_chunk, first_row). Chunks start at multiples
-// of cuda::kRowAlignment (the loss partial slots cover aligned row groups); the buffer's rows are padded to 16 bytes:
-// with an odd S (e.g. 32000 + 5 + 1 classes) cuBLAS would otherwise fall back to slower kernels for every GEMM that
-// touches the chunk's logits.
+// of cuda::kRowAlignment (the loss partial slots cover aligned row groups); the buffer's rows are padded to 16 bytes
+// and the logits GEMM is split at the last 16-byte column boundary: with an odd S (e.g. 32000 + 5 + 1 classes)
+// cuBLAS would otherwise fall back to slower kernels for the GEMMs that touch the chunk's logits.
 template <typename AfterChunk>
 void for_each_logits_chunk(LossPipeline& pipeline, const at::Tensor& h, const at::Tensor& weight,
                            const c10::optional<at::Tensor>& bias, int64_t chunk_rows, bool with_gradient,
@@ -241,16 +260,24 @@ void for_each_logits_chunk(LossPipeline& pipeline, const at::Tensor& h, const at
   const int64_t chunk = std::min(N, (chunk_rows + cuda::kRowAlignment - 1) / cuda::kRowAlignment * cuda::kRowAlignment);
   const int64_t row_align = 16 / h.element_size();
   const int64_t ld = (S + row_align - 1) / row_align * row_align;
+  // cuBLAS's fast kernels want every GEMM dimension a multiple of 16 bytes: a head of 32006 columns sent the whole
+  // logits GEMM to a kernel 3.4x slower (bf16, H100). The aligned columns go in one GEMM, the rest in a small one.
+  const int64_t aligned = S / row_align * row_align;
   at::Tensor logits_buffer = at::empty({chunk, ld}, h.options());
   pipeline.compute_denominators();
   for (int64_t begin = 0; begin < N; begin += chunk) {
     const int64_t rows = std::min(chunk, N - begin);
     const at::Tensor h_chunk = h.narrow(0, begin, rows);
     at::Tensor z = logits_buffer.narrow(0, 0, rows).narrow(1, 0, S);
-    if (bias.has_value()) {
-      at::addmm_out(z, *bias, h_chunk, weight.t());
+    if (aligned == S || aligned == 0) {
+      head_logits_into(z, h_chunk, weight, bias);
     } else {
-      at::mm_out(z, h_chunk, weight.t());
+      at::Tensor z_aligned = z.narrow(1, 0, aligned);
+      at::Tensor z_rest = z.narrow(1, aligned, S - aligned);
+      head_logits_into(z_aligned, h_chunk, weight.narrow(0, 0, aligned),
+                 bias.has_value() ? c10::optional<at::Tensor>(bias->narrow(0, 0, aligned)) : c10::nullopt);
+      head_logits_into(z_rest, h_chunk, weight.narrow(0, aligned, S - aligned),
+                 bias.has_value() ? c10::optional<at::Tensor>(bias->narrow(0, aligned, S - aligned)) : c10::nullopt);
     }
     pipeline.segment_losses(z, with_gradient ? z : at::Tensor(), begin);
     after_chunk(z, h_chunk, begin);
@@ -313,7 +340,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> multi_tas
   for_each_logits_chunk(pipeline, h, weight, bias, chunk_rows, /*with_gradient=*/true,
                         [&](const at::Tensor& z, const at::Tensor& h_chunk, int64_t begin) {
     const int64_t rows = z.size(0);
-    gemm_to_accumulator(grad_weight, z.t(), h_chunk, /*accumulate=*/begin > 0);
+    accumulate_gemm(grad_weight, z.t(), h_chunk, /*accumulate=*/begin > 0);
     if (bias.has_value()) {
       grad_bias.add_(z.sum(0, /*keepdim=*/false, grad_bias.scalar_type()));
     }
@@ -324,7 +351,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> multi_tas
       const int64_t offset = table.col_offsets[t];
       const int64_t width = table.width(t);
       at::Tensor out = grad_h_per_task.select(0, t).narrow(0, begin, rows);
-      gemm_to_accumulator(out, z.narrow(1, offset, width), weight.narrow(0, offset, width), /*accumulate=*/false);
+      accumulate_gemm(out, z.narrow(1, offset, width), weight.narrow(0, offset, width), /*accumulate=*/false);
     }
   });
   const auto [losses, total] = pipeline.finalize(prepared.task_weights);
@@ -472,7 +499,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> multi_task_loss_recompute_backwar
     }
   };
   auto [grad_h, grad_weight, grad_bias] = recompute_backward(in.prepared.h, weight, bias, block_columns,
-                                                             block_gradient);
+                                                             block_gradient, accumulate_gemm);
   return {grad_h.view(h_in.sizes()), grad_weight, grad_bias};
 }
 

@@ -1,0 +1,130 @@
+"""Where one forward+backward step of a benchmark config spends its time and its memory (CUDA).
+
+``bench_op.py`` says how fast a provider is; this says why. For each config and provider it prints
+
+* **time**: wall time per step, GPU kernel time per step (summed over kernels, so overlap is not subtracted),
+  kernel launches per step, and the kernels that take the most GPU time (``torch.profiler``, after warm-up);
+* **memory**: the peak extra memory of one step (as ``bench_op`` measures it) and the allocations alive at that
+  peak, largest first, each named by the innermost frames of the code that made it
+  (``torch.cuda.memory._record_memory_history``).
+
+Run from the repository root on a GPU machine::
+
+    python -m benchmarks.profile_step --configs S1,S5 --providers mtlfast,gemm_only --dtype bfloat16
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import statistics
+import time
+from collections import defaultdict
+from collections.abc import Sequence
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from benchmarks.bench_op import CONFIGS, PROVIDERS, Step, make_problem
+
+
+def time_profile(step: Step, device: torch.device, steps: int, top: int) -> None:
+    for _ in range(5):
+        step.zero_grad()
+        step.run()
+    torch.cuda.synchronize(device)
+    walls = []
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            step.zero_grad()
+            torch.cuda.synchronize(device)
+            start = time.perf_counter()
+            step.run()
+            torch.cuda.synchronize(device)
+            walls.append((time.perf_counter() - start) * 1e3)
+    kernels: dict[str, list[float]] = defaultdict(list)
+    for event in prof.events():
+        if event.device_type == torch.autograd.DeviceType.CUDA:
+            kernels[event.name].append(event.device_time)
+    gpu_us = sum(sum(times) for times in kernels.values()) / steps
+    launches = sum(len(times) for times in kernels.values()) / steps
+    print(f"  wall {statistics.median(walls):.3f} ms/step (median of {steps}, under the profiler);"
+          f" GPU ops {gpu_us / 1e3:.3f} ms/step; {launches:.1f} kernels + copies + memsets/step")
+    ranked = sorted(kernels.items(), key=lambda item: -sum(item[1]))[:top]
+    for name, times in ranked:
+        print(f"    {sum(times) / steps:9.1f} us  x{len(times) / steps:5.1f}  {name[:110]}")
+
+
+_ALLOCATOR_FRAMES = ("CachingAllocator", "c10::", "CapturedTraceback", "record_memory", "unwind", "memory.py")
+
+
+def _frame_label(frames: Sequence[dict], depth: int) -> str:
+    """The innermost frames that are not the allocator's or the profiler's own."""
+    useful = [f for f in frames
+              if f["name"] != "??" and not any(skip in f["name"] + f["filename"] for skip in _ALLOCATOR_FRAMES)]
+    picked = useful[:depth]
+    return " < ".join(f"{f['name'][:60]}@{f['filename'].rsplit('/', 1)[-1]}:{f['line']}" for f in picked)
+
+
+def memory_profile(step: Step, device: torch.device, top: int, depth: int) -> None:
+    step.zero_grad()
+    gc.collect()
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    torch.cuda.memory._record_memory_history(max_entries=200_000, stacks="all")
+    try:
+        step.run()
+        torch.cuda.synchronize(device)
+        snapshot = torch.cuda.memory._snapshot(device)
+    finally:
+        torch.cuda.memory._record_memory_history(enabled=None)
+    peak_mib = (torch.cuda.max_memory_allocated(device) - before) / 2**20
+    trace = snapshot["device_traces"][device.index or 0]
+    live: dict[int, dict] = {}
+    running = peak = 0
+    at_peak: list[dict] = []
+    for event in trace:
+        if event["action"] == "alloc":
+            live[event["addr"]] = event
+            running += event["size"]
+            if running > peak:
+                peak, at_peak = running, list(live.values())
+        elif event["action"] == "free_requested" and event["addr"] in live:
+            running -= live.pop(event["addr"])["size"]
+    print(f"  peak extra {peak_mib:.1f} MiB (allocator); {peak / 2**20:.1f} MiB allocated during the step at its"
+          f" peak, by allocation:")
+    for event in sorted(at_peak, key=lambda e: -e["size"])[:top]:
+        print(f"    {event['size'] / 2**20:8.2f} MiB  {_frame_label(event.get('frames', []), depth)}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--configs", default="S1,S5")
+    parser.add_argument("--providers", default="mtlfast,gemm_only")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="bfloat16")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--top", type=int, default=12)
+    parser.add_argument("--depth", type=int, default=4, help="frames named per allocation")
+    parser.add_argument("--no-memory", action="store_true")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        parser.error("needs a CUDA device")
+    device = torch.device("cuda", torch.cuda.current_device())
+    dtype = getattr(torch, args.dtype)
+    for config_name in args.configs.split(","):
+        problem = make_problem(CONFIGS[config_name], device, dtype)
+        for provider_name in args.providers.split(","):
+            provider = PROVIDERS[provider_name]
+            if not provider.applies(problem.config, device):
+                continue
+            print(f"== {config_name} {provider_name} ({args.dtype}, {torch.cuda.get_device_name(device)})")
+            step = provider.build(problem)
+            time_profile(step, device, args.steps, args.top)
+            if not args.no_memory:
+                memory_profile(step, device, args.top, args.depth)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
