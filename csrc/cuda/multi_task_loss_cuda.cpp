@@ -8,7 +8,7 @@
 // negative or infinite distillation probability (a ValueError on the CPU).
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
+#include <c10/core/DeviceGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 #include <torch/version.h>
@@ -32,6 +32,11 @@
 
 namespace mtlfast {
 namespace {
+
+// kernel_device_guard_note: every entry point guards h's device with the generic c10::DeviceGuard, not CUDAGuard.
+// One CUDA tensor among the arguments sends the call here; when h itself is on the CPU, CUDAGuard would throw a
+// RuntimeError about a CPU device before the input checks can raise their ValueError naming the misplaced tensor
+// (seen on an H100: tests/test_errors.py's device-mix tests). A CPU guard is a no-op.
 
 // The fp32-accumulated GEMMs of the large-head paths (dh over column blocks, dW over row chunks).
 #ifdef MTLFAST_CUDA_EMULATION
@@ -290,7 +295,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> multi_task_loss_cuda(
     const at::Tensor& col_task, c10::IntArrayRef kinds, c10::IntArrayRef col_offsets, c10::IntArrayRef class_dims,
     c10::IntArrayRef ignore_index, c10::ArrayRef<double> params, const std::vector<std::string>& task_names,
     bool return_logits) {
-  const c10::cuda::CUDAGuard guard(h_in.device());
+  const c10::DeviceGuard guard(h_in.device());  // see kernel_device_guard_note
   const PreparedInputs prepared = prepare_multi_task_inputs(h_in, weight, bias, targets_in, task_weights, col_weight,
                                                             col_task, kinds, col_offsets, class_dims, ignore_index,
                                                             params, task_names, TargetConversion::kByBackend);
@@ -314,7 +319,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> multi_tas
     const at::Tensor& col_task, c10::IntArrayRef kinds, c10::IntArrayRef col_offsets, c10::IntArrayRef class_dims,
     c10::IntArrayRef ignore_index, c10::ArrayRef<double> params, const std::vector<std::string>& task_names,
     int64_t chunk_rows) {
-  const c10::cuda::CUDAGuard guard(h_in.device());
+  const c10::DeviceGuard guard(h_in.device());  // see kernel_device_guard_note
   const PreparedInputs prepared = prepare_multi_task_inputs(h_in, weight, bias, targets_in, task_weights, col_weight,
                                                             col_task, kinds, col_offsets, class_dims, ignore_index,
                                                             params, task_names, TargetConversion::kByBackend);
@@ -366,7 +371,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> multi_task_loss_backward_cuda(
     const c10::optional<at::Tensor>& grad_total, const c10::optional<at::Tensor>& grad_losses,
     const at::Tensor& task_weights, const c10::optional<at::Tensor>& grad_logits_output, const at::Tensor& grad_logits,
     const at::Tensor& h_in, const at::Tensor& weight, const at::Tensor& col_task, bool has_bias) {
-  const c10::cuda::CUDAGuard guard(h_in.device());
+  const c10::DeviceGuard guard(h_in.device());  // see kernel_device_guard_note
   at::NoGradGuard no_grad;  // implementation steps, as in the forward
   const at::Tensor h = h_in.reshape({-1, h_in.size(-1)});
   const at::ScalarType acc = accumulation_dtype(h.scalar_type());
@@ -455,7 +460,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> multi_task_loss_recom
     const at::Tensor& col_task, c10::IntArrayRef kinds, c10::IntArrayRef col_offsets, c10::IntArrayRef class_dims,
     c10::IntArrayRef ignore_index, c10::ArrayRef<double> params, const std::vector<std::string>& task_names,
     int64_t chunk_rows) {
-  const c10::cuda::CUDAGuard guard(h_in.device());
+  const c10::DeviceGuard guard(h_in.device());  // see kernel_device_guard_note
   const PreparedInputs prepared = prepare_multi_task_inputs(h_in, weight, bias, targets_in, task_weights, col_weight,
                                                             col_task, kinds, col_offsets, class_dims, ignore_index,
                                                             params, task_names, TargetConversion::kByBackend);
@@ -474,7 +479,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> multi_task_loss_recompute_backwar
     const at::Tensor& col_task, const at::Tensor& row_stats, const at::Tensor& inverse_denominators,
     c10::IntArrayRef kinds, c10::IntArrayRef col_offsets, c10::IntArrayRef class_dims, c10::IntArrayRef ignore_index,
     c10::ArrayRef<double> params, const std::vector<std::string>& task_names, int64_t block_columns) {
-  const c10::cuda::CUDAGuard guard(h_in.device());
+  const c10::DeviceGuard guard(h_in.device());  // see kernel_device_guard_note
   const RecomputeBackwardInputs in = prepare_recompute_backward(
       grad_total, grad_losses, task_weights, h_in, weight, bias, targets_in, col_weight, col_task, row_stats,
       inverse_denominators, kinds, col_offsets, class_dims, ignore_index, params, task_names,
