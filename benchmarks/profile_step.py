@@ -1,9 +1,10 @@
-"""Where one forward+backward step of a benchmark config spends its time and its memory (CUDA).
+"""Where one forward+backward step of a benchmark config spends its time and its memory (CUDA; time also on CPU).
 
 ``bench_op.py`` says how fast a provider is; this says why. For each config and provider it prints
 
 * **time**: wall time per step, GPU kernel time per step (summed over kernels, so overlap is not subtracted),
-  kernel launches per step, and the kernels that take the most GPU time (``torch.profiler``, after warm-up);
+  kernel launches per step, the kernels that take the most GPU time, and the host-side ops (ATen calls, launches,
+  autograd nodes) that take the most CPU self time (``torch.profiler``, after warm-up);
 * **memory**: the peak extra memory of one step (as ``bench_op`` measures it) and the allocations alive at that
   peak, largest first, each named by the innermost frames of the code that made it
   (``torch.cuda.memory._record_memory_history``).
@@ -17,30 +18,35 @@ from __future__ import annotations
 
 import argparse
 import gc
+import os
 import statistics
 import time
 from collections import defaultdict
 from collections.abc import Sequence
 
-import torch
-from torch.profiler import ProfilerActivity, profile
+os.environ.setdefault("KINETO_LOG_LEVEL", "5")  # the profiler's start/stop lines on stderr
 
-from benchmarks.bench_op import CONFIGS, PROVIDERS, Step, make_problem
+import torch  # noqa: E402
+from torch.profiler import ProfilerActivity, profile  # noqa: E402
+
+from benchmarks.bench_op import CONFIGS, PROVIDERS, Step, _stderr_silenced, make_problem, synchronizer  # noqa: E402
 
 
 def time_profile(step: Step, device: torch.device, steps: int, top: int) -> None:
+    sync = synchronizer(device)
     for _ in range(5):
         step.zero_grad()
         step.run()
-    torch.cuda.synchronize(device)
+    sync()
     walls = []
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with _stderr_silenced(), profile(activities=activities) as prof:
         for _ in range(steps):
             step.zero_grad()
-            torch.cuda.synchronize(device)
+            sync()
             start = time.perf_counter()
             step.run()
-            torch.cuda.synchronize(device)
+            sync()
             walls.append((time.perf_counter() - start) * 1e3)
     kernels: dict[str, list[float]] = defaultdict(list)
     for event in prof.events():
@@ -48,11 +54,17 @@ def time_profile(step: Step, device: torch.device, steps: int, top: int) -> None
             kernels[event.name].append(event.device_time)
     gpu_us = sum(sum(times) for times in kernels.values()) / steps
     launches = sum(len(times) for times in kernels.values()) / steps
-    print(f"  wall {statistics.median(walls):.3f} ms/step (median of {steps}, under the profiler);"
-          f" GPU ops {gpu_us / 1e3:.3f} ms/step; {launches:.1f} kernels + copies + memsets/step")
+    gpu = f"; GPU ops {gpu_us / 1e3:.3f} ms/step, {launches:.1f} kernels + copies + memsets/step" if kernels else ""
+    print(f"  wall {statistics.median(walls):.3f} ms/step (median of {steps}, under the profiler){gpu}")
     ranked = sorted(kernels.items(), key=lambda item: -sum(item[1]))[:top]
     for name, times in ranked:
         print(f"    {sum(times) / steps:9.1f} us  x{len(times) / steps:5.1f}  {name[:110]}")
+    # The host side: where a host-bound step's wall time goes (self time, so nested calls are not counted twice).
+    host_ops = sorted(prof.key_averages(), key=lambda op: -op.self_cpu_time_total)[:top]
+    print(f"  host: {sum(op.self_cpu_time_total for op in prof.key_averages()) / steps / 1e3:.3f} ms/step of self"
+          f" CPU time in profiled ops; the largest:")
+    for op in host_ops:
+        print(f"    {op.self_cpu_time_total / steps:9.1f} us  x{op.count / steps:5.1f}  {op.key[:110]}")
 
 
 _ALLOCATOR_FRAMES = ("CachingAllocator", "c10::", "CapturedTraceback", "record_memory", "unwind", "memory.py")
@@ -107,10 +119,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--top", type=int, default=12)
     parser.add_argument("--depth", type=int, default=4, help="frames named per allocation")
     parser.add_argument("--no-memory", action="store_true")
+    parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="cpu: the time part only (no GPU kernels, no memory snapshot)")
     args = parser.parse_args(argv)
-    if not torch.cuda.is_available():
-        parser.error("needs a CUDA device")
-    device = torch.device("cuda", torch.cuda.current_device())
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("no CUDA device")
+    device = torch.device("cuda", torch.cuda.current_device()) if args.device == "cuda" else torch.device("cpu")
     dtype = getattr(torch, args.dtype)
     for config_name in args.configs.split(","):
         problem = make_problem(CONFIGS[config_name], device, dtype)
@@ -118,10 +132,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             provider = PROVIDERS[provider_name]
             if not provider.applies(problem.config, device):
                 continue
-            print(f"== {config_name} {provider_name} ({args.dtype}, {torch.cuda.get_device_name(device)})")
+            where = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+            print(f"== {config_name} {provider_name} ({args.dtype}, {where})")
             step = provider.build(problem)
             time_profile(step, device, args.steps, args.top)
-            if not args.no_memory:
+            if not args.no_memory and device.type == "cuda":
                 memory_profile(step, device, args.top, args.depth)
     return 0
 

@@ -92,8 +92,7 @@ void gemm_to_accumulator(at::Tensor& out, const at::Tensor& a, const at::Tensor&
 std::tuple<at::Tensor, at::Tensor, at::Tensor> recompute_backward(const at::Tensor& h, const at::Tensor& weight,
                                                                   const c10::optional<at::Tensor>& bias,
                                                                   int64_t block_columns,
-                                                                  const BlockGradient& block_gradient,
-                                                                  AccumulatingGemm accumulate_gemm) {
+                                                                  const BlockGradient& block_gradient) {
   TORCH_CHECK_VALUE(block_columns > 0, "mtlfast: block_columns must be positive, got ", block_columns);
   at::NoGradGuard no_grad;  // implementation steps of a backward op (out= GEMMs refuse inputs that require grad)
   const int64_t N = h.size(0);
@@ -127,7 +126,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> recompute_backward(const at::Tens
         at::Tensor grad_bias_rows = grad_bias.narrow(0, begin, width);
         at::sum_out(grad_bias_rows, z, /*dim=*/0);
       }
-      accumulate_gemm(grad_h_acc, z, w, /*accumulate=*/begin > 0);
+      gemm_to_accumulator(grad_h_acc, z, w, /*accumulate=*/begin > 0);
     }
   }  // the block buffer is released before grad_h is converted
   at::Tensor grad_h = acc_dtype == h.scalar_type() ? grad_h_acc : grad_h_acc.to(h.scalar_type());

@@ -32,14 +32,25 @@ timeout "${CUDA_TEST_TIMEOUT:-120}" "$PY" -m pytest tests/test_recompute.py -m c
   | tee "$OUT/pytest_recompute_cuda.txt" | tail -n 5
 # Kernel-level checks (determinism, graph replay, > 64 tasks, NaN for a bad index) and GPU-only timings.
 timeout "${SELFCHECK_TIMEOUT:-120}" "$PY" benchmarks/cuda_selfcheck.py 2>&1 | tee "$OUT/cuda_selfcheck.txt" | tail -n 25
+# The op benchmark alone per config (`mtlfast bench` would rerun the training-step benchmark after each one).
 for dtype in ${BENCH_DTYPES:-bfloat16 float32}; do
   for config in S1 S2 S3 S4 S5; do
-    timeout "${BENCH_TIMEOUT:-90}" "$PY" -m mtlfast bench --device cuda --dtype "$dtype" --configs "$config" \
+    timeout "${BENCH_TIMEOUT:-90}" "$PY" -m benchmarks.bench_op --device cuda --dtype "$dtype" --configs "$config" \
       --csv "$OUT/op_cuda.csv" 2>&1 | tee -a "$OUT/bench_$dtype.txt" | grep -E "^\|" | tail -n 3
   done
 done
+# Where S1's and S5's time and memory go: kernels per step, GPU vs wall time, allocations alive at the peak.
+timeout "${PROFILE_TIMEOUT:-90}" "$PY" -m benchmarks.profile_step --configs S1,S5 --providers mtlfast,gemm_only \
+  --dtype bfloat16 2>&1 | tee "$OUT/profile.txt" | grep -E "^==|wall|peak"
+# Open question of 2026-11-23: S5's backward allocates 32 MiB (cuBLAS's default workspace size on Hopper) inside
+# recompute_backward on every step. If a 1 MiB cuBLASLt workspace shrinks that allocation to 1 MiB, it is a per-call
+# cuBLASLt workspace (the block GEMM with its bias epilogue is the backward's only cuBLASLt call).
+CUBLASLT_WORKSPACE_SIZE=1024 timeout "${PROFILE_TIMEOUT:-90}" "$PY" -m benchmarks.profile_step --configs S5 \
+  --providers mtlfast --dtype bfloat16 --top 6 2>&1 | tee "$OUT/profile_s5_lt_workspace_1mib.txt" | grep -E "peak|MiB "
+timeout "${BENCH_TIMEOUT:-90}" "$PY" -m benchmarks.bench_train --device cuda --csv "$OUT/train_cuda.csv" 2>&1 \
+  | tee "$OUT/bench_train.txt" | grep -E "^\|" | tail -n 10
 # pytest-xdist where the image has it (it is not installable there); the emulation tests need no GPU: skipped.
 parallel=()
 if "$PY" -c "import xdist" 2>/dev/null; then parallel=(-n 8); fi
-timeout "${TEST_TIMEOUT:-300}" "$PY" -m pytest tests -q -p no:cacheprovider --ignore=tests/test_cuda.py \
+timeout "${TEST_TIMEOUT:-300}" "$PY" -m pytest tests -q -rfE -p no:cacheprovider --ignore=tests/test_cuda.py \
   --ignore=tests/test_cuda_emulation.py ${parallel[@]+"${parallel[@]}"} 2>&1 | tee "$OUT/pytest.txt" | tail -n 15

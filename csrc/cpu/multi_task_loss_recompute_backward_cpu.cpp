@@ -120,7 +120,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> multi_task_loss_recompute_backwar
     });
   };
   auto [grad_h, grad_weight, grad_bias] = recompute_backward(in.prepared.h, weight, bias, block_columns,
-                                                             block_gradient, gemm_to_accumulator);
+                                                             block_gradient);
   return {grad_h.view(h_in.sizes()), grad_weight, grad_bias};
 }
 

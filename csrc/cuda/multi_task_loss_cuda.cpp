@@ -26,9 +26,6 @@
 #include "mtlfast/op_signatures.h"
 #include "mtlfast/recompute_backward.h"
 #include "mtlfast/task_table.h"
-#ifndef MTLFAST_CUDA_EMULATION
-#include "cublas_accumulate.h"
-#endif
 
 namespace mtlfast {
 namespace {
@@ -37,13 +34,6 @@ namespace {
 // One CUDA tensor among the arguments sends the call here; when h itself is on the CPU, CUDAGuard would throw a
 // RuntimeError about a CPU device before the input checks can raise their ValueError naming the misplaced tensor
 // (seen on an H100: tests/test_errors.py's device-mix tests). A CPU guard is a no-op.
-
-// The fp32-accumulated GEMMs of the large-head paths (dh over column blocks, dW over row chunks).
-#ifdef MTLFAST_CUDA_EMULATION
-constexpr AccumulatingGemm accumulate_gemm = &gemm_to_accumulator;  // no cuBLAS: ATen's CPU GEMMs stand in
-#else
-constexpr AccumulatingGemm accumulate_gemm = &cuda::gemm_to_accumulator_cublas;
-#endif
 
 cuda::InputDType kernel_dtype(at::ScalarType type) {
   if (type == at::kFloat) {
@@ -241,7 +231,8 @@ at::Tensor head_logits(const at::Tensor& h, const at::Tensor& weight, const c10:
 }
 
 // z = h Wᵀ + b into z's memory.
-void head_logits_into(at::Tensor& z, const at::Tensor& h, const at::Tensor& weight, const c10::optional<at::Tensor>& bias) {
+void head_logits_into(at::Tensor& z, const at::Tensor& h, const at::Tensor& weight,
+                      const c10::optional<at::Tensor>& bias) {
   if (bias.has_value()) {
     at::addmm_out(z, *bias, h, weight.t());
   } else {
@@ -265,8 +256,8 @@ void for_each_logits_chunk(LossPipeline& pipeline, const at::Tensor& h, const at
   const int64_t chunk = std::min(N, (chunk_rows + cuda::kRowAlignment - 1) / cuda::kRowAlignment * cuda::kRowAlignment);
   const int64_t row_align = 16 / h.element_size();
   const int64_t ld = (S + row_align - 1) / row_align * row_align;
-  // cuBLAS's fast kernels want every GEMM dimension a multiple of 16 bytes: a head of 32006 columns sent the whole
-  // logits GEMM to a kernel 3.4x slower (bf16, H100). The aligned columns go in one GEMM, the rest in a small one.
+  // cuBLAS's fast kernels want every GEMM dimension a multiple of 16 bytes: with S = 32006 the four row chunks'
+  // GEMMs took 1.34 ms on an H100 in bf16 (Ampere CUTLASS kernels), split at column 32000 0.55 ms.
   const int64_t aligned = S / row_align * row_align;
   at::Tensor logits_buffer = at::empty({chunk, ld}, h.options());
   pipeline.compute_denominators();
@@ -274,15 +265,16 @@ void for_each_logits_chunk(LossPipeline& pipeline, const at::Tensor& h, const at
     const int64_t rows = std::min(chunk, N - begin);
     const at::Tensor h_chunk = h.narrow(0, begin, rows);
     at::Tensor z = logits_buffer.narrow(0, 0, rows).narrow(1, 0, S);
+    const auto logits_columns = [&](int64_t first, int64_t width) {
+      at::Tensor out = z.narrow(1, first, width);
+      head_logits_into(out, h_chunk, weight.narrow(0, first, width),
+                       bias.has_value() ? c10::optional<at::Tensor>(bias->narrow(0, first, width)) : c10::nullopt);
+    };
     if (aligned == S || aligned == 0) {
-      head_logits_into(z, h_chunk, weight, bias);
+      logits_columns(0, S);
     } else {
-      at::Tensor z_aligned = z.narrow(1, 0, aligned);
-      at::Tensor z_rest = z.narrow(1, aligned, S - aligned);
-      head_logits_into(z_aligned, h_chunk, weight.narrow(0, 0, aligned),
-                 bias.has_value() ? c10::optional<at::Tensor>(bias->narrow(0, 0, aligned)) : c10::nullopt);
-      head_logits_into(z_rest, h_chunk, weight.narrow(0, aligned, S - aligned),
-                 bias.has_value() ? c10::optional<at::Tensor>(bias->narrow(0, aligned, S - aligned)) : c10::nullopt);
+      logits_columns(0, aligned);
+      logits_columns(aligned, S - aligned);
     }
     pipeline.segment_losses(z, with_gradient ? z : at::Tensor(), begin);
     after_chunk(z, h_chunk, begin);
@@ -345,7 +337,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> multi_tas
   for_each_logits_chunk(pipeline, h, weight, bias, chunk_rows, /*with_gradient=*/true,
                         [&](const at::Tensor& z, const at::Tensor& h_chunk, int64_t begin) {
     const int64_t rows = z.size(0);
-    accumulate_gemm(grad_weight, z.t(), h_chunk, /*accumulate=*/begin > 0);
+    gemm_to_accumulator(grad_weight, z.t(), h_chunk, /*accumulate=*/begin > 0);
     if (bias.has_value()) {
       grad_bias.add_(z.sum(0, /*keepdim=*/false, grad_bias.scalar_type()));
     }
@@ -356,7 +348,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> multi_tas
       const int64_t offset = table.col_offsets[t];
       const int64_t width = table.width(t);
       at::Tensor out = grad_h_per_task.select(0, t).narrow(0, begin, rows);
-      accumulate_gemm(out, z.narrow(1, offset, width), weight.narrow(0, offset, width), /*accumulate=*/false);
+      gemm_to_accumulator(out, z.narrow(1, offset, width), weight.narrow(0, offset, width), /*accumulate=*/false);
     }
   });
   const auto [losses, total] = pipeline.finalize(prepared.task_weights);
@@ -504,7 +496,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> multi_task_loss_recompute_backwar
     }
   };
   auto [grad_h, grad_weight, grad_bias] = recompute_backward(in.prepared.h, weight, bias, block_columns,
-                                                             block_gradient, accumulate_gemm);
+                                                             block_gradient);
   return {grad_h.view(h_in.sizes()), grad_weight, grad_bias};
 }
 

@@ -36,17 +36,13 @@ RecomputeBackwardInputs prepare_recompute_backward(
 // gradient dz, each column's scaled by its task's entry of the (T,) scales (c_t / denominator_t).
 using BlockGradient = std::function<void(at::Tensor& block, int64_t col_begin)>;
 
-// out = a @ b, or out += a @ b when accumulate; out in the accumulation dtype, a and b in the input dtype.
-using AccumulatingGemm = void (*)(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, bool accumulate);
-
 // grad_h (N, D), grad_weight (S, D), grad_bias (S,) or empty, all in h's dtype, from blocks of block_columns head
 // columns: per block z = h W_bᵀ + b_b, block_gradient(z), dW_b = zᵀ h, db_b = Σ_rows z, dh += z W_b (dh in the
-// accumulation dtype, through accumulate_gemm). h is (N, D), contiguous.
+// accumulation dtype). h is (N, D), contiguous.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> recompute_backward(const at::Tensor& h, const at::Tensor& weight,
                                                                   const c10::optional<at::Tensor>& bias,
                                                                   int64_t block_columns,
-                                                                  const BlockGradient& block_gradient,
-                                                                  AccumulatingGemm accumulate_gemm);
+                                                                  const BlockGradient& block_gradient);
 
 // out (accumulation dtype) = a @ b, or out += a @ b when accumulate, for a and b in the input dtype (which may be
 // out's own). Half inputs accumulate in fp32 inside cuBLAS on CUDA (torch ≥ 2.10's out_dtype GEMMs); elsewhere
