@@ -114,7 +114,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> recompute_backward(const at::Tens
       at::Tensor z = buffer.narrow(1, 0, width);
       const at::Tensor w = weight.narrow(0, begin, width);
       if (bias.has_value()) {
-        at::addmm_out(z, bias->narrow(0, begin, width), h, w.t());
+        // z = b, then z += h W_bᵀ in one GEMM (beta = 1), not addmm with the bias vector: on CUDA that takes the
+        // cuBLASLt bias-epilogue path for every contiguous block, suspected of allocating a 32 MiB workspace per
+        // call (H100, torch 2.11: 32 MiB alive at the large head's memory peak, in bf16 and fp32 alike). This is
+        // also how the forward's padded logits buffer gets its bias, so the block repeats the forward's rounding.
+        z.copy_(bias->narrow(0, begin, width).expand_as(z));
+        z.addmm_(h, w.t());
       } else {
         at::mm_out(z, h, w.t());
       }

@@ -42,11 +42,6 @@ done
 # Where S1's and S5's time and memory go: kernels per step, GPU vs wall time, allocations alive at the peak.
 timeout "${PROFILE_TIMEOUT:-90}" "$PY" -m benchmarks.profile_step --configs S1,S5 --providers mtlfast,gemm_only \
   --dtype bfloat16 2>&1 | tee "$OUT/profile.txt" | grep -E "^==|wall|peak"
-# Open question of 2026-11-23: S5's backward allocates 32 MiB (cuBLAS's default workspace size on Hopper) inside
-# recompute_backward on every step. If a 1 MiB cuBLASLt workspace shrinks that allocation to 1 MiB, it is a per-call
-# cuBLASLt workspace (the block GEMM with its bias epilogue is the backward's only cuBLASLt call).
-CUBLASLT_WORKSPACE_SIZE=1024 timeout "${PROFILE_TIMEOUT:-90}" "$PY" -m benchmarks.profile_step --configs S5 \
-  --providers mtlfast --dtype bfloat16 --top 6 2>&1 | tee "$OUT/profile_s5_lt_workspace_1mib.txt" | grep -E "peak|MiB "
 timeout "${BENCH_TIMEOUT:-90}" "$PY" -m benchmarks.bench_train --device cuda --csv "$OUT/train_cuda.csv" 2>&1 \
   | tee "$OUT/bench_train.txt" | grep -E "^\|" | tail -n 10
 # pytest-xdist where the image has it (it is not installable there); the emulation tests need no GPU: skipped.
