@@ -60,10 +60,10 @@ def time_profile(step: Step, device: torch.device, steps: int, top: int) -> None
     for name, times in ranked:
         print(f"    {sum(times) / steps:9.1f} us  x{len(times) / steps:5.1f}  {name[:110]}")
     # The host side: where a host-bound step's wall time goes (self time, so nested calls are not counted twice).
-    host_ops = sorted(prof.key_averages(), key=lambda op: -op.self_cpu_time_total)[:top]
-    print(f"  host: {sum(op.self_cpu_time_total for op in prof.key_averages()) / steps / 1e3:.3f} ms/step of self"
+    host_ops = sorted(prof.key_averages(), key=lambda op: -op.self_cpu_time_total)
+    print(f"  host: {sum(op.self_cpu_time_total for op in host_ops) / steps / 1e3:.3f} ms/step of self"
           f" CPU time in profiled ops; the largest:")
-    for op in host_ops:
+    for op in host_ops[:top]:
         print(f"    {op.self_cpu_time_total / steps:9.1f} us  x{op.count / steps:5.1f}  {op.key[:110]}")
 
 

@@ -226,10 +226,6 @@ struct LossPipeline : KernelTasks {
   }
 };
 
-at::Tensor head_logits(const at::Tensor& h, const at::Tensor& weight, const c10::optional<at::Tensor>& bias) {
-  return bias.has_value() ? at::addmm(*bias, h, weight.t()) : at::mm(h, weight.t());
-}
-
 // z = h Wᵀ + b into z's memory.
 void head_logits_into(at::Tensor& z, const at::Tensor& h, const at::Tensor& weight,
                       const c10::optional<at::Tensor>& bias) {
@@ -238,6 +234,12 @@ void head_logits_into(at::Tensor& z, const at::Tensor& h, const at::Tensor& weig
   } else {
     at::mm_out(z, h, weight.t());
   }
+}
+
+at::Tensor head_logits(const at::Tensor& h, const at::Tensor& weight, const c10::optional<at::Tensor>& bias) {
+  at::Tensor z = at::empty({h.size(0), weight.size(0)}, h.options());
+  head_logits_into(z, h, weight, bias);
+  return z;
 }
 
 // The large-head ops' forward loop: the denominators over the whole batch, then per chunk of rows the chunk's
