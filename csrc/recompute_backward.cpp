@@ -89,6 +89,18 @@ void gemm_to_accumulator(at::Tensor& out, const at::Tensor& a, const at::Tensor&
   }
 }
 
+void column_sums_into(at::Tensor& out, const at::Tensor& z, const at::Tensor& ones) {
+  if (ones.defined()) {
+    // On CUDA a matrix-vector product with ones: ATen's column reduction of an (N, columns) block stages partial
+    // sums in a buffer as large as 32 MiB for S5's 4096 x 1024 blocks (H100, torch 2.11: the allocation alive at
+    // the large head's memory peak, one per block), while cuBLAS works in its persistent workspace. Both accumulate
+    // half inputs in fp32 and round once.
+    at::mv_out(out, z.t(), ones);
+  } else {
+    at::sum_out(out, z, /*dim=*/0);
+  }
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> recompute_backward(const at::Tensor& h, const at::Tensor& weight,
                                                                   const c10::optional<at::Tensor>& bias,
                                                                   int64_t block_columns,
@@ -107,6 +119,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> recompute_backward(const at::Tens
   at::Tensor grad_weight = at::empty_like(weight, at::MemoryFormat::Contiguous);
   at::Tensor grad_bias = bias.has_value() ? at::empty({S}, h.options()) : at::empty({0}, h.options());
   at::Tensor grad_h_acc = at::empty({N, D}, h.options().dtype(acc_dtype));
+  const at::Tensor ones = bias.has_value() && h.is_cuda() ? at::ones({N}, h.options()) : at::Tensor();
   {
     at::Tensor buffer = at::empty({N, ld}, h.options());
     for (int64_t begin = 0; begin < S; begin += columns) {
@@ -114,12 +127,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> recompute_backward(const at::Tens
       at::Tensor z = buffer.narrow(1, 0, width);
       const at::Tensor w = weight.narrow(0, begin, width);
       if (bias.has_value()) {
-        // z = b, then z += h W_bᵀ in one GEMM (beta = 1), not addmm with the bias vector: on CUDA that takes the
-        // cuBLASLt bias-epilogue path for every contiguous block, suspected of allocating a 32 MiB workspace per
-        // call (H100, torch 2.11: 32 MiB alive at the large head's memory peak, in bf16 and fp32 alike). This is
-        // also how the forward's padded logits buffer gets its bias, so the block repeats the forward's rounding.
-        z.copy_(bias->narrow(0, begin, width).expand_as(z));
-        z.addmm_(h, w.t());
+        at::addmm_out(z, bias->narrow(0, begin, width), h, w.t());
       } else {
         at::mm_out(z, h, w.t());
       }
@@ -127,9 +135,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> recompute_backward(const at::Tens
       at::Tensor grad_weight_rows = grad_weight.narrow(0, begin, width);
       at::mm_out(grad_weight_rows, z.t(), h);
       if (bias.has_value()) {
-        // Straight into grad_bias's slice in h's dtype: half inputs still accumulate in fp32 inside the reduction.
         at::Tensor grad_bias_rows = grad_bias.narrow(0, begin, width);
-        at::sum_out(grad_bias_rows, z, /*dim=*/0);
+        column_sums_into(grad_bias_rows, z, ones);
       }
       gemm_to_accumulator(grad_h_acc, z, w, /*accumulate=*/begin > 0);
     }

@@ -36,6 +36,9 @@ if stage tests; then
     | tee "$OUT/pytest_cuda.txt" | tail -n 15
   timeout "${CUDA_TEST_TIMEOUT:-120}" "$PY" -m pytest tests/test_recompute.py -m cuda -q -rfE -p no:cacheprovider 2>&1 \
     | tee "$OUT/pytest_recompute_cuda.txt" | tail -n 5
+  # Bad input on the GPU (device mixes, the device guard) and the module's linkage (the static-libstdc++ crash).
+  timeout "${CUDA_TEST_TIMEOUT:-120}" "$PY" -m pytest tests/test_errors.py tests/test_linkage.py -q -rfE \
+    -p no:cacheprovider 2>&1 | tee "$OUT/pytest_errors.txt" | tail -n 5
 fi
 if stage selfcheck; then
   # Kernel-level checks (determinism, graph replay, > 64 tasks, NaN for a bad index) and GPU-only timings.
