@@ -12,6 +12,10 @@ Providers (see :data:`PROVIDERS`):
 * ``eager_concat``: one concatenated ``nn.Linear``, logits split per task, per-task losses, sum.
 * ``compiled_loop``: ``torch.compile`` of the ``eager_loop`` loss function (backward through the compiled graph).
 * ``gemm_only``: the three GEMMs alone (logits = h Wᵀ + b; grad_h = G W; grad_W = Gᵀ h), the lower bound.
+* ``gemm_autograd``: the same GEMMs (and grad_b = Σ_rows G) the way a training step runs them: an ``nn.Linear``-style
+  ``addmm`` forward on leaves that require grad, then ``.backward(G)``; the lower bound for any op used in a
+  training step, which pays the autograd engine that ``gemm_only`` skips (on a GPU, in small host-bound steps,
+  that costs more than the GEMMs themselves).
 * ``linear_cross_entropy`` (configs with a big head): ``F.linear_cross_entropy`` for the big head + eager small heads.
 * ``liger`` (CUDA, configs with a big head): Liger-Kernel's ``LigerFusedLinearCrossEntropyLoss`` for the big head.
 
@@ -197,7 +201,7 @@ class Step:
     """One provider's forward+backward on its own parameters and its own leaf ``h``."""
 
     run: Callable[[], torch.Tensor | None]
-    """Forward + backward; returns the detached total loss (None for gemm_only)."""
+    """Forward + backward; returns the detached total loss (None for gemm_only and gemm_autograd)."""
     params: list[torch.Tensor]
     h: torch.Tensor | None
     note: str = ""
@@ -255,28 +259,56 @@ def build_compiled_loop(p: Problem) -> Step:
     return autograd_step(lambda: compiled(h), heads.parameters(), h, "torch.compile default mode")
 
 
-def build_gemm_only(p: Problem) -> Step:
+def packed_gemm_operands(p: Problem) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """The GEMM lower bounds' operands: the packed (S', D) weight, (S',) bias and (B, S') G, and the padding S' - S.
+
+    G is the real dTotal/dlogits of this batch, computed once, so the GEMMs see the data the providers see. None of
+    the returned tensors requires grad; each call returns new ones.
+    """
     weight, bias = p.packed()
-    h, rows = p.h, weight.shape[0]
-    # G: the real dTotal/dlogits of this batch, computed once, so the GEMMs see the data the providers see.
-    logits = F.linear(h, weight, bias).requires_grad_(True)
+    logits = F.linear(p.h, weight, bias).requires_grad_(True)
     weighted_sum(p.tasks, logits.split([task.num_outputs for task in p.tasks], dim=-1), p.targets).backward()
     grad_logits = logits.grad
     del logits
     # Rows padded with zeros to a multiple of 8: unaligned leading dimensions (S = 32006 in S5) cost bf16 GEMMs
     # several times on GPU, and a lower bound should not include that.
-    padding = -rows % 8
+    padding = -weight.shape[0] % 8
     if padding:
         weight, bias = F.pad(weight, (0, 0, 0, padding)), F.pad(bias, (0, padding))
         grad_logits = F.pad(grad_logits, (0, padding))
+    return weight, bias, grad_logits, padding
+
+
+def _padding_note(weight: torch.Tensor, padding: int) -> str:
+    rows = weight.shape[0]
+    return f"; S padded {rows - padding} -> {rows}" if padding else ""
+
+
+def build_gemm_only(p: Problem) -> Step:
+    weight, bias, grad_logits, padding = packed_gemm_operands(p)
+    h = p.h
 
     def run() -> None:
         logits = torch.addmm(bias, h, weight.t())  # noqa: F841  (kept alive to the end, as in a real step)
         grad_h = grad_logits.mm(weight)  # noqa: F841
         grad_weight = grad_logits.t().mm(h)  # noqa: F841
 
-    padded = f"; S padded {rows} -> {rows + padding}" if padding else ""
-    return Step(run, [], None, f"3 GEMMs on the packed (S, D) heads{padded}; no loss (not checked)")
+    note = f"3 GEMMs on the packed (S, D) heads{_padding_note(weight, padding)}; no loss (not checked)"
+    return Step(run, [], None, note)
+
+
+def build_gemm_autograd(p: Problem) -> Step:
+    weight, bias, grad_logits, padding = packed_gemm_operands(p)
+    weight, bias, h = weight.requires_grad_(True), bias.requires_grad_(True), p.leaf_h()
+
+    def run() -> None:
+        # nn.Linear's forward; its backward computes grad_h = G W, grad_W = Gᵀ h and grad_b = Σ_rows G.
+        torch.addmm(bias, h, weight.t()).backward(grad_logits)
+
+    note = (f"the same GEMMs through autograd (addmm forward, .backward(G)) on the packed (S, D) heads"
+            f"{_padding_note(weight, padding)}: the lower bound for any op used in a training step; "
+            "no loss (not checked)")
+    return Step(run, [weight, bias], h, note)
 
 
 def build_linear_cross_entropy(p: Problem) -> Step:
@@ -319,7 +351,7 @@ class Provider:
     big_head_only: bool = False
     cuda_only: bool = False
     checked: bool = True
-    """Whether its loss and h.grad are compared with eager_loop's (not for gemm_only, which computes no loss)."""
+    """Whether its loss and h.grad are compared with eager_loop's (not for the gemm_* bounds: they compute no loss)."""
 
     def applies(self, config: Config, device: torch.device) -> bool:
         return (config.big_head is not None or not self.big_head_only) and (device.type == "cuda" or not self.cuda_only)
@@ -334,6 +366,7 @@ PROVIDERS: dict[str, Provider] = {
     "eager_concat": Provider(build_eager_concat),
     "compiled_loop": Provider(build_compiled_loop),
     "gemm_only": Provider(build_gemm_only, checked=False),
+    "gemm_autograd": Provider(build_gemm_autograd, checked=False),
     "linear_cross_entropy": Provider(build_linear_cross_entropy, big_head_only=True),
     "liger": Provider(build_liger, big_head_only=True, cuda_only=True),
 }
@@ -613,16 +646,19 @@ def _cell(outcome: Outcome | None, value: Callable[[Outcome], float | None], dig
 
 def markdown_tables(results: dict[str, list[Outcome]], providers: Sequence[str]) -> str:
     shown = [name for name in providers if any(o.provider == name for outs in results.values() for o in outs)]
+    # (numerator, denominator) of each ratio column; the autograd bound's only when that provider was run.
+    ratio_columns = [("eager_loop", "mtlfast"), ("mtlfast", "gemm_only")]
+    if "gemm_autograd" in shown:
+        ratio_columns.append(("mtlfast", "gemm_autograd"))
     lines = ["Median forward+backward time (ms):", ""]
-    lines.append("| config | " + " | ".join(shown) + " | eager_loop / mtlfast | mtlfast / gemm_only |")
-    lines.append("|---" * (len(shown) + 3) + "|")
+    lines.append("| config | " + " | ".join(shown + [f"{a} / {b}" for a, b in ratio_columns]) + " |")
+    lines.append("|---" * (len(shown) + len(ratio_columns) + 1) + "|")
     for config, outcomes in results.items():
         by_name = {o.provider: o for o in outcomes}
         median = {n: o.median_ms for n, o in by_name.items() if o.status == "ok"}
-        speedup = _ratio(median.get("eager_loop"), median.get("mtlfast"))
-        bound = _ratio(median.get("mtlfast"), median.get("gemm_only"))
         cells = [_cell(by_name.get(n), lambda o: o.median_ms, 3) for n in shown]
-        ratios = [f"{r:.2f}x" if r is not None else "n/a" for r in (speedup, bound)]
+        ratios = [_ratio(median.get(a), median.get(b)) for a, b in ratio_columns]
+        ratios = [f"{r:.2f}x" if r is not None else "n/a" for r in ratios]
         lines.append(f"| {config} | " + " | ".join(cells + ratios) + " |")
     lines += ["", "Peak extra memory of one step (MiB):", ""]
     lines.append("| config | " + " | ".join(shown) + " |")

@@ -113,7 +113,7 @@ def memory_profile(step: Step, device: torch.device, top: int, depth: int) -> No
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--configs", default="S1,S5")
-    parser.add_argument("--providers", default="mtlfast,gemm_only")
+    parser.add_argument("--providers", default="mtlfast,gemm_only,gemm_autograd")
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="bfloat16")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--top", type=int, default=12)

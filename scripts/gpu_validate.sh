@@ -55,7 +55,7 @@ if stage bench; then
 fi
 if stage profile; then
   # Where S1's and S5's time and memory go: kernels per step, GPU vs wall time, host ops, allocations at the peak.
-  timeout "${PROFILE_TIMEOUT:-90}" "$PY" -m benchmarks.profile_step --configs S1,S5 --providers mtlfast,gemm_only \
+  timeout "${PROFILE_TIMEOUT:-90}" "$PY" -m benchmarks.profile_step --configs S1,S5 --providers mtlfast,gemm_only,gemm_autograd \
     --dtype bfloat16 2>&1 | tee "$OUT/profile.txt" | grep -E "^==|wall|peak"
 fi
 if stage train; then

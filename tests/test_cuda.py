@@ -200,13 +200,18 @@ def test_out_of_range_class_index_gives_nan_for_that_task(chunk_rows):
 
 @pytest.mark.parametrize("used", ["total", "losses", "both"])
 @pytest.mark.parametrize("dtype", [torch.float64, *LOW_PRECISION], ids=str)
-def test_backward_op_against_its_formula(dtype, used):
+@pytest.mark.parametrize("N, S", [(37, 9), (600, 45)], ids=["one bias slab", "3 bias slabs, 2 column tiles"])
+def test_backward_op_against_its_formula(dtype, used, N, S):
     """multi_task_loss_backward's kernel: dz = g · c[col_task] + (logits' gradient), c = dTotal·λ + dL, then
-    dh = dz W, dW = dzᵀ h, db = Σ_rows dz. Incoming gradients as autograd may pass them: an expanded (stride 0)
-    dL and a transposed logits gradient."""
-    T, N, D, S = 3, 37, 6, 9
-    col_task = torch.tensor([0, 0, 1, 2, 2, 2, 2, 1, 0])
-    rounded = [torch.randn(shape).to(dtype) for shape in ((N, S), (N, D), (S, D), (S, N))]
+    dh = dz W, dW = dzᵀ h, db = Σ_rows dz (summed by the scale kernel: in one row slab, or in several plus a
+    second pass). Incoming gradients as autograd may pass them: an expanded (stride 0) dL and a transposed logits
+    gradient."""
+    T, D = 3, 6
+    col_task = torch.tensor([0, 0, 1, 2, 2, 2, 2, 1, 0] * (S // 9))
+    # Small integers in the tall case: its 600-term fp32 sums would otherwise differ from float64 by more than the
+    # fp32 tolerance (made for short sums) through rounding alone.
+    draw = torch.randn if N < 100 else lambda *shape: torch.randint(-3, 4, shape).double()
+    rounded = [draw(*shape).to(dtype) for shape in ((N, S), (N, D), (S, D), (S, N))]
     g, h, weight, logits_grad_t = rounded
     lam = torch.tensor([0.5, 2.0, 1.25], dtype=torch.float64)
     grad_total = torch.tensor(0.75, dtype=torch.float64) if used != "losses" else None

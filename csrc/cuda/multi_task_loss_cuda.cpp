@@ -359,8 +359,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> multi_tas
 
 // The backward of multi_task_loss: one kernel turns the saved logit gradient into dz (the per-task coefficients
 // c_t = dTotal·λ_t + dL_t applied per column, plus the logits output's gradient when it was used), then the linear
-// layer's backward on it, as PyTorch runs it: dh = dz W, dW = dzᵀ h, db = Σ_rows dz (fp32 accumulation inside the
-// reduction for half types). Four launches whatever T; the coefficients never leave the device.
+// layer's backward on it: dh = dz W, dW = dzᵀ h, and db = Σ_rows dz from the scale kernel itself (fp32 sums of the
+// rounded dz for half types, as dz.sum(0) gives). Three launches whatever T (four when the batch is tall enough for
+// the bias sums to take several row slabs); the coefficients never leave the device.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> multi_task_loss_backward_cuda(
     const c10::optional<at::Tensor>& grad_total, const c10::optional<at::Tensor>& grad_losses,
     const at::Tensor& task_weights, const c10::optional<at::Tensor>& grad_logits_output, const at::Tensor& grad_logits,
@@ -423,7 +424,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> multi_task_loss_backward_cuda(
   }
 
   at::Tensor dz = at::empty({N, S}, h.options());
-  cuda::LogitGradientArgs args;
+  cuda::LogitGradientArgs args{};
   args.grad_logits = g.const_data_ptr();
   args.rows = N;
   args.cols = S;
@@ -438,11 +439,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> multi_task_loss_backward_cuda(
   args.grad_losses = d_losses.defined() ? d_losses.const_data_ptr() : nullptr;
   args.grad_losses_stride = d_losses.defined() ? d_losses.stride(0) : 0;
   args.dz = dz.mutable_data_ptr();
+  // The bias gradient comes out of the same kernel (column sums of the rounded dz, as dz.sum(0) would give).
+  const int64_t bias_size = has_bias ? S : 0;
+  at::Tensor grad_bias = N == 0 ? at::zeros({bias_size}, h.options()) : at::empty({bias_size}, h.options());
+  at::Tensor bias_partials;
+  if (has_bias && N > 0) {
+    args.grad_bias = grad_bias.mutable_data_ptr();
+    const int slabs = cuda::bias_gradient_slabs(N, S);
+    if (slabs > 1) {
+      bias_partials = at::empty({slabs, S}, h.options().dtype(acc));
+      args.bias_partials = bias_partials.mutable_data_ptr();
+    }
+  }
   C10_CUDA_CHECK(cuda::launch_scale_logit_gradient(kernel_dtype(h.scalar_type()), args,
                                                    c10::cuda::getCurrentCUDAStream(h.device().index()).stream()));
   at::Tensor grad_h = dz.mm(weight);
   at::Tensor grad_weight = dz.t().mm(h);
-  at::Tensor grad_bias = has_bias ? dz.sum(0) : at::empty({0}, h.options());
   return {grad_h.view(h_in.sizes()), grad_weight, grad_bias};
 }
 

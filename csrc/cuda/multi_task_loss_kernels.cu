@@ -46,6 +46,12 @@ constexpr int kPackThreads = 256;
 constexpr int64_t kMaxPackBlocksPerTask = 256;
 // Enough blocks to fill the device for the (small-head) sizes this kernel sees; larger ones loop.
 constexpr int64_t kMaxScaleBlocks = 4096;
+// The bias-gradient variant of the scale kernel: a block is a tile of 32 head columns (one per lane, so each thread
+// keeps one coefficient and one running sum) times kBiasRowLanes row lanes, over one slab of rows.
+constexpr int kBiasRowLanes = 8;
+constexpr int64_t kMinRowsPerBiasSlab = 256;
+constexpr int64_t kMaxBiasSlabs = 128;
+constexpr int64_t kMaxBiasPartials = int64_t(1) << 20;  // slabs · cols: the partials stay ≤ 4 MiB in fp32
 constexpr int64_t kMinRowsPerDenominatorSlot = 128;
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -1082,6 +1088,23 @@ __global__ void __launch_bounds__(kPackThreads)
   }
 }
 
+// The per-column coefficient of LogitGradientArgs (NaN for a column whose task index is out of range).
+template <typename acc_t>
+__device__ acc_t column_coefficient(const LogitGradientArgs& args, int64_t col) {
+  const int64_t task = args.col_task[col];
+  if (task < 0 || task >= args.tasks) {
+    return acc_t(NAN);
+  }
+  acc_t c = acc_t(0);
+  if (args.grad_total != nullptr) {
+    c = static_cast<const acc_t*>(args.task_weights)[task] * *static_cast<const acc_t*>(args.grad_total);
+  }
+  if (args.grad_losses != nullptr) {
+    c += static_cast<const acc_t*>(args.grad_losses)[task * args.grad_losses_stride];
+  }
+  return c;
+}
+
 // multi_task_loss's backward: one element of dz per thread (grid-stride). Head columns are few next to rows, so the
 // coefficient is recomputed per element from cached (T,) vectors rather than staged.
 template <typename scalar_t>
@@ -1091,33 +1114,80 @@ __global__ void __launch_bounds__(kScaleThreads)
   using acc_t = typename Traits::acc_t;
   const scalar_t* grad = static_cast<const scalar_t*>(args.grad_logits);
   const scalar_t* extra = static_cast<const scalar_t*>(args.extra_grad);
-  const acc_t* task_weights = static_cast<const acc_t*>(args.task_weights);
-  const acc_t* grad_losses = static_cast<const acc_t*>(args.grad_losses);
   scalar_t* dz = static_cast<scalar_t*>(args.dz);
-  const acc_t d_total = args.grad_total != nullptr ? *static_cast<const acc_t*>(args.grad_total) : acc_t(0);
   const int64_t count = args.rows * args.cols;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t index = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; index < count; index += stride) {
     const int64_t row = index / args.cols;
     const int64_t col = index - row * args.cols;
-    const int64_t task = args.col_task[col];
-    acc_t c = acc_t(0);
-    if (task < 0 || task >= args.tasks) {
-      c = acc_t(NAN);
-    } else {
-      if (args.grad_total != nullptr) {
-        c = task_weights[task] * d_total;
-      }
-      if (grad_losses != nullptr) {
-        c += grad_losses[task * args.grad_losses_stride];
-      }
-    }
+    const acc_t c = column_coefficient<acc_t>(args, col);
     acc_t value = Traits::to_acc(grad[row * args.ld + col]) * c;
     if (extra != nullptr) {
       value += Traits::to_acc(extra[row * args.extra_row_stride + col * args.extra_col_stride]);
     }
     dz[index] = Traits::from_acc(value);
   }
+}
+
+// scale_logit_gradient_kernel plus the bias gradient: block (32, kBiasRowLanes) over a tile of 32 columns
+// (blockIdx.x) and a slab of rows (blockIdx.y). Each thread sums its column over its rows in a fixed order, the
+// block's lanes are added in lane order, and the slabs (when more than one) by sum_bias_partials_kernel in slab
+// order: the same bits every run.
+template <typename scalar_t>
+__global__ void __launch_bounds__(32 * kBiasRowLanes)
+    scale_logit_gradient_with_bias_kernel(const __grid_constant__ LogitGradientArgs args, int64_t rows_per_slab) {
+  using Traits = ScalarTraits<scalar_t>;
+  using acc_t = typename Traits::acc_t;
+  __shared__ acc_t lane_sums[kBiasRowLanes][32];
+  const scalar_t* grad = static_cast<const scalar_t*>(args.grad_logits);
+  const scalar_t* extra = static_cast<const scalar_t*>(args.extra_grad);
+  scalar_t* dz = static_cast<scalar_t*>(args.dz);
+  const int64_t col = static_cast<int64_t>(blockIdx.x) * 32 + threadIdx.x;
+  const int64_t begin = static_cast<int64_t>(blockIdx.y) * rows_per_slab;
+  const int64_t end = begin + rows_per_slab < args.rows ? begin + rows_per_slab : args.rows;
+  acc_t sum = acc_t(0);
+  if (col < args.cols) {
+    const acc_t c = column_coefficient<acc_t>(args, col);
+    for (int64_t row = begin + threadIdx.y; row < end; row += kBiasRowLanes) {
+      acc_t value = Traits::to_acc(grad[row * args.ld + col]) * c;
+      if (extra != nullptr) {
+        value += Traits::to_acc(extra[row * args.extra_row_stride + col * args.extra_col_stride]);
+      }
+      const scalar_t rounded = Traits::from_acc(value);
+      dz[row * args.cols + col] = rounded;
+      sum += Traits::to_acc(rounded);
+    }
+  }
+  lane_sums[threadIdx.y][threadIdx.x] = sum;
+  __syncthreads();
+  if (threadIdx.y == 0 && col < args.cols) {
+    acc_t total = acc_t(0);
+    for (int lane = 0; lane < kBiasRowLanes; ++lane) {
+      total += lane_sums[lane][threadIdx.x];
+    }
+    if (gridDim.y == 1) {
+      static_cast<scalar_t*>(args.grad_bias)[col] = Traits::from_acc(total);
+    } else {
+      static_cast<acc_t*>(args.bias_partials)[blockIdx.y * args.cols + col] = total;
+    }
+  }
+}
+
+template <typename scalar_t>
+__global__ void __launch_bounds__(kScaleThreads)
+    sum_bias_partials_kernel(const __grid_constant__ LogitGradientArgs args, int64_t slabs) {
+  using Traits = ScalarTraits<scalar_t>;
+  using acc_t = typename Traits::acc_t;
+  const int64_t col = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (col >= args.cols) {
+    return;
+  }
+  const acc_t* partials = static_cast<const acc_t*>(args.bias_partials);
+  acc_t total = acc_t(0);
+  for (int64_t slab = 0; slab < slabs; ++slab) {
+    total += partials[slab * args.cols + col];
+  }
+  static_cast<scalar_t*>(args.grad_bias)[col] = Traits::from_acc(total);
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -1144,6 +1214,14 @@ void dispatch_input_dtype(InputDType dtype, Launch&& launch) {
 bool valid_batch(const TaskBatch& batch) { return batch.count > 0 && batch.count <= kMaxTasksPerLaunch; }
 
 }  // namespace
+
+int bias_gradient_slabs(int64_t rows, int64_t cols) {
+  int64_t slabs = (rows + kMinRowsPerBiasSlab - 1) / kMinRowsPerBiasSlab;
+  slabs = slabs < kMaxBiasSlabs ? slabs : kMaxBiasSlabs;
+  const int64_t by_size = cols > 0 ? kMaxBiasPartials / cols : kMaxBiasSlabs;
+  slabs = slabs < by_size ? slabs : by_size;
+  return static_cast<int>(slabs > 1 ? slabs : 1);
+}
 
 int denominator_slots(int64_t rows) {
   const int64_t slots = (rows + kMinRowsPerDenominatorSlot - 1) / kMinRowsPerDenominatorSlot;
@@ -1309,6 +1387,24 @@ cudaError_t launch_scale_logit_gradient(InputDType dtype, const LogitGradientArg
   const int64_t count = args.rows * args.cols;
   if (count == 0) {
     return cudaSuccess;
+  }
+  if (args.grad_bias != nullptr) {
+    const int64_t slabs = bias_gradient_slabs(args.rows, args.cols);
+    if (slabs > 1 && args.bias_partials == nullptr) {
+      return cudaErrorInvalidValue;
+    }
+    const int64_t rows_per_slab = (args.rows + slabs - 1) / slabs;
+    const dim3 grid(static_cast<unsigned>((args.cols + 31) / 32), static_cast<unsigned>(slabs));
+    const dim3 block(32, kBiasRowLanes);
+    const unsigned sum_blocks = static_cast<unsigned>((args.cols + kScaleThreads - 1) / kScaleThreads);
+    dispatch_input_dtype(dtype, [&](auto tag) {
+      using scalar_t = decltype(tag);
+      scale_logit_gradient_with_bias_kernel<scalar_t><<<grid, block, 0, stream>>>(args, rows_per_slab);
+      if (slabs > 1) {
+        sum_bias_partials_kernel<scalar_t><<<sum_blocks, kScaleThreads, 0, stream>>>(args, slabs);
+      }
+    });
+    return cudaGetLastError();
   }
   const int64_t needed = (count + kScaleThreads - 1) / kScaleThreads;
   const unsigned blocks = static_cast<unsigned>(needed < kMaxScaleBlocks ? needed : kMaxScaleBlocks);

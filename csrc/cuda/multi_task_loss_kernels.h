@@ -137,7 +137,14 @@ struct LogitGradientArgs {
   const void* grad_losses;       // null, or (T,) accumulation type at [t * grad_losses_stride]
   int64_t grad_losses_stride;
   void* dz;                      // (rows, cols) input dtype, contiguous
+  void* grad_bias;               // null, or (cols,) input dtype: Σ_rows dz, summed in the accumulation type from
+                                 // the rounded dz (what dz.sum(0) gives), one rounding
+  void* bias_partials;           // (bias_gradient_slabs(rows, cols), cols) accumulation type when that is > 1
 };
+
+// How many row slabs the bias gradient of an (rows, cols) dz is summed in (the partial sums' rows; depends on the
+// shape only, so results are reproducible). One slab needs no partials.
+int bias_gradient_slabs(int64_t rows, int64_t cols);
 
 // The denominator row slots for a batch of `rows` rows (depends on the shape only, so results are reproducible).
 int denominator_slots(int64_t rows);
@@ -179,7 +186,8 @@ cudaError_t launch_gradient_from_stats(InputDType dtype, const TaskBatch& batch,
 cudaError_t launch_pack_targets(TargetKernelDType kernel_dtype, const TargetCopyBatch& batch, int64_t rows,
                                 void* packed, cudaStream_t stream);
 
-// dz of LogitGradientArgs; nothing to do (success) when rows · cols is 0.
+// dz of LogitGradientArgs, and with grad_bias its column sums in the same pass (then dz is read back by nobody: a
+// launch and ATen's reduction less per backward); nothing to do (success) when rows · cols is 0.
 cudaError_t launch_scale_logit_gradient(InputDType dtype, const LogitGradientArgs& args, cudaStream_t stream);
 
 }  // namespace cuda
