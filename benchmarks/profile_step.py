@@ -67,13 +67,21 @@ def time_profile(step: Step, device: torch.device, steps: int, top: int) -> None
         print(f"    {op.self_cpu_time_total / steps:9.1f} us  x{op.count / steps:5.1f}  {op.key[:110]}")
 
 
-_ALLOCATOR_FRAMES = ("CachingAllocator", "c10::", "CapturedTraceback", "record_memory", "unwind", "memory.py")
+# Frames of the allocator and of the recorder itself, matched at the start of the name (or the file): a substring
+# match on "c10::" also dropped ATen kernels templated on c10 types, such as the
+# at::native::gpu_reduce_kernel<c10::BFloat16, ...> that allocated S5's 32 MiB staging buffer.
+_ALLOCATOR_NAME_PREFIXES = ("c10::", "torch::unwind", "torch::CapturedTraceback", "torch::cuda::(anonymous namespace)::")
+_RECORDER_FILES = ("memory.py",)
+
+
+def _is_allocator_frame(frame: dict) -> bool:
+    return (frame["name"].startswith(_ALLOCATOR_NAME_PREFIXES) or "CachingAllocator" in frame["name"]
+            or frame["filename"].rsplit("/", 1)[-1] in _RECORDER_FILES)
 
 
 def _frame_label(frames: Sequence[dict], depth: int) -> str:
     """The innermost frames that are not the allocator's or the profiler's own."""
-    useful = [f for f in frames
-              if f["name"] != "??" and not any(skip in f["name"] + f["filename"] for skip in _ALLOCATOR_FRAMES)]
+    useful = [f for f in frames if f["name"] != "??" and not _is_allocator_frame(f)]
     picked = useful[:depth]
     return " < ".join(f"{f['name'][:60]}@{f['filename'].rsplit('/', 1)[-1]}:{f['line']}" for f in picked)
 
