@@ -89,6 +89,15 @@ void gemm_to_accumulator(at::Tensor& out, const at::Tensor& a, const at::Tensor&
   }
 }
 
+void head_logits_into(at::Tensor& z, const at::Tensor& h, const at::Tensor& weight,
+                      const c10::optional<at::Tensor>& bias) {
+  if (bias.has_value()) {
+    at::addmm_out(z, *bias, h, weight.t());
+  } else {
+    at::mm_out(z, h, weight.t());
+  }
+}
+
 void column_sums_into(at::Tensor& out, const at::Tensor& z, const at::Tensor& ones) {
   if (ones.defined()) {
     // On CUDA a matrix-vector product with ones: ATen's column reduction of an (N, columns) block stages partial
@@ -126,11 +135,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> recompute_backward(const at::Tens
       const int64_t width = std::min(columns, S - begin);
       at::Tensor z = buffer.narrow(1, 0, width);
       const at::Tensor w = weight.narrow(0, begin, width);
-      if (bias.has_value()) {
-        at::addmm_out(z, bias->narrow(0, begin, width), h, w.t());
-      } else {
-        at::mm_out(z, h, w.t());
-      }
+      head_logits_into(z, h, w, bias.has_value() ? c10::optional<at::Tensor>(bias->narrow(0, begin, width))
+                                                  : c10::nullopt);
       block_gradient(z, begin);  // z now holds dz
       at::Tensor grad_weight_rows = grad_weight.narrow(0, begin, width);
       at::mm_out(grad_weight_rows, z.t(), h);

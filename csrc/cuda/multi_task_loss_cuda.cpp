@@ -226,16 +226,6 @@ struct LossPipeline : KernelTasks {
   }
 };
 
-// z = h Wᵀ + b into z's memory.
-void head_logits_into(at::Tensor& z, const at::Tensor& h, const at::Tensor& weight,
-                      const c10::optional<at::Tensor>& bias) {
-  if (bias.has_value()) {
-    at::addmm_out(z, *bias, h, weight.t());
-  } else {
-    at::mm_out(z, h, weight.t());
-  }
-}
-
 at::Tensor head_logits(const at::Tensor& h, const at::Tensor& weight, const c10::optional<at::Tensor>& bias) {
   at::Tensor z = at::empty({h.size(0), weight.size(0)}, h.options());
   head_logits_into(z, h, weight, bias);

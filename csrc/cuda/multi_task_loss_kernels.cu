@@ -1088,16 +1088,22 @@ __global__ void __launch_bounds__(kPackThreads)
   }
 }
 
+// dTotal of LogitGradientArgs (0 when absent), read once per thread.
+template <typename acc_t>
+__device__ acc_t grad_total_of(const LogitGradientArgs& args) {
+  return args.grad_total != nullptr ? *static_cast<const acc_t*>(args.grad_total) : acc_t(0);
+}
+
 // The per-column coefficient of LogitGradientArgs (NaN for a column whose task index is out of range).
 template <typename acc_t>
-__device__ acc_t column_coefficient(const LogitGradientArgs& args, int64_t col) {
+__device__ acc_t column_coefficient(const LogitGradientArgs& args, int64_t col, acc_t d_total) {
   const int64_t task = args.col_task[col];
   if (task < 0 || task >= args.tasks) {
     return acc_t(NAN);
   }
   acc_t c = acc_t(0);
   if (args.grad_total != nullptr) {
-    c = static_cast<const acc_t*>(args.task_weights)[task] * *static_cast<const acc_t*>(args.grad_total);
+    c = static_cast<const acc_t*>(args.task_weights)[task] * d_total;
   }
   if (args.grad_losses != nullptr) {
     c += static_cast<const acc_t*>(args.grad_losses)[task * args.grad_losses_stride];
@@ -1115,12 +1121,13 @@ __global__ void __launch_bounds__(kScaleThreads)
   const scalar_t* grad = static_cast<const scalar_t*>(args.grad_logits);
   const scalar_t* extra = static_cast<const scalar_t*>(args.extra_grad);
   scalar_t* dz = static_cast<scalar_t*>(args.dz);
+  const acc_t d_total = grad_total_of<acc_t>(args);
   const int64_t count = args.rows * args.cols;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t index = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; index < count; index += stride) {
     const int64_t row = index / args.cols;
     const int64_t col = index - row * args.cols;
-    const acc_t c = column_coefficient<acc_t>(args, col);
+    const acc_t c = column_coefficient(args, col, d_total);
     acc_t value = Traits::to_acc(grad[row * args.ld + col]) * c;
     if (extra != nullptr) {
       value += Traits::to_acc(extra[row * args.extra_row_stride + col * args.extra_col_stride]);
@@ -1147,7 +1154,7 @@ __global__ void __launch_bounds__(32 * kBiasRowLanes)
   const int64_t end = begin + rows_per_slab < args.rows ? begin + rows_per_slab : args.rows;
   acc_t sum = acc_t(0);
   if (col < args.cols) {
-    const acc_t c = column_coefficient<acc_t>(args, col);
+    const acc_t c = column_coefficient(args, col, grad_total_of<acc_t>(args));
 #pragma unroll 4
     for (int64_t row = begin + threadIdx.y; row < end; row += kBiasRowLanes) {
       acc_t value = Traits::to_acc(grad[row * args.ld + col]) * c;

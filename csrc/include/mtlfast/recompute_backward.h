@@ -49,6 +49,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> recompute_backward(const at::Tens
 // they are converted a block of output rows at a time.
 void gemm_to_accumulator(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, bool accumulate);
 
+// z = h Wᵀ + b into z's memory (b may be absent), through the dispatcher. (The CPU kernels call at::cpu:: directly.)
+void head_logits_into(at::Tensor& z, const at::Tensor& h, const at::Tensor& weight,
+                      const c10::optional<at::Tensor>& bias);
+
 // out (columns,) = Σ_rows z for z (N, columns) in the input dtype: z's transpose times ones (N,) when ones is
 // defined (CUDA), else a sum over dim 0.
 void column_sums_into(at::Tensor& out, const at::Tensor& z, const at::Tensor& ones);
