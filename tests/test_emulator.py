@@ -54,14 +54,14 @@ def test_every_entry_point_runs_the_emulated_kernels():
     heads = mf.MultiTaskHeads(5, case.tasks, dtype=torch.float64)
     h = case.h.clone().requires_grad_()
     args = op_args(case)
-    # Three launches per batch of narrow tasks: denominators, segment losses, finalize; one more in the backward
-    # (the per-task coefficients applied to the saved logit gradient).
-    assert _launches(lambda: heads(h, case.targets).loss.backward()) == 4  # the C++ eager entry point
-    assert _launches(lambda: heads(h, case.targets).loss) == 3
-    assert _launches(lambda: fused_result(case, via="functional", chunk_rows=None)) == 4
-    assert _launches(lambda: torch.ops.mtlfast.multi_task_loss(*op_arg_tuple(args, False))) == 3
+    # One launch for a small batch of narrow tasks (the loss pass counts the denominators and finalizes in its last
+    # block); one more in the backward (the per-task coefficients applied to the saved logit gradient).
+    assert _launches(lambda: heads(h, case.targets).loss.backward()) == 2  # the C++ eager entry point
+    assert _launches(lambda: heads(h, case.targets).loss) == 1
+    assert _launches(lambda: fused_result(case, via="functional", chunk_rows=None)) == 2
+    assert _launches(lambda: torch.ops.mtlfast.multi_task_loss(*op_arg_tuple(args, False))) == 1
     compiled = torch.compile(lambda x: heads(x, case.targets).loss, fullgraph=True)
-    assert _launches(lambda: compiled(case.h)) == 3
+    assert _launches(lambda: compiled(case.h)) == 1
     # Chunks are rounded up to multiples of 32 rows: 70 rows in chunks of 4 -> 3 chunks, a segment launch each.
     # The recompute path's backward then launches one gradient kernel per block of head columns.
     long_case = make_case(0, case.tasks, batch_shape=(70,), features=5)
@@ -74,6 +74,22 @@ def test_every_entry_point_runs_the_emulated_kernels():
     assert _launches(lambda: torch.ops.mtlfast.pcgrad_weights(gram, torch.zeros(3, 3, dtype=torch.int64))) == 1
     assert _launches(lambda: torch.ops.mtlfast.min_norm_weights(gram, 5)) == 1
 
+
+
+@pytest.mark.parametrize("rows, wide, launches", [(200, False, 1), (3000, False, 2), (200, True, 4)],
+                         ids=["small batch: one launch", "denominators first", "a wide head: four launches"])
+def test_loss_pass_launches(rows, wide, launches):
+    """multi_task_loss's loss pass is one launch on small batches of narrow heads (the denominators counted in it, the
+    finalize in its last block), two on larger ones, and the general four (denominators, warp kernel, block kernel,
+    finalize) with a head wider than a warp segment."""
+    tasks = [mf.Binary(f"b{i}") for i in range(8)] + [mf.Classification("c", 5, ignore_index=-1)]
+    tasks += [mf.Classification("wide", num_classes=1100)] if wide else []
+    case = make_case(3, tasks, batch_shape=(rows,), features=4)
+    # fp32 targets for an fp32 model: nothing to convert (no target packing launch)
+    targets = {name: target.float() if target.is_floating_point() else target for name, target in case.targets.items()}
+    args = (case.h.float(), case.weight.float(), case.bias.float(), targets, tasks)
+    mf.functional.multi_task_loss(*args, chunk_rows=None)  # warm-up: the layout's tables
+    assert _launches(lambda: mf.functional.multi_task_loss(*args, chunk_rows=None)) == launches
 
 def test_targets_outside_the_kernel_layout_are_converted_in_one_launch():
     """70 binary tasks whose labels are bf16 columns of one label matrix, plus a class-index column: one packing

@@ -203,12 +203,105 @@ __device__ __forceinline__ T block_all_reduce(T v, Op op, T* scratch) {
 
 // 1 / (the task's denominator), or 0 when it has no valid entry. Reduces the denominator partials with one warp
 // in a fixed order; every caller (loss pass, finalize) therefore sees bitwise the same denominator.
+// Loaded through L2 (__ldcg): the last block of launch_fused_losses reads partials other blocks of the same launch
+// wrote.
 template <typename acc_t>
 __device__ __forceinline__ acc_t inverse_denominator(const void* parts, int32_t slots, int32_t task_index) {
   const int lane = threadIdx.x % kWarpSize;
   const acc_t* task_parts = static_cast<const acc_t*>(parts) + int64_t(task_index) * kMaxDenominatorSlots;
-  const acc_t v = lane < slots ? task_parts[lane] : acc_t(0);
+  const acc_t v = lane < slots ? __ldcg(task_parts + lane) : acc_t(0);
   return safe_reciprocal(group_all_reduce(v, kWarpSize, Sum{}));
+}
+
+// The calling thread's share of a task's denominator over rows [begin, end): cross-entropy Σ class weight of the
+// valid class indices (or their count), distillation the rows without a NaN target, element-wise kinds the non-NaN
+// targets. Per-element loops are strided over `threads` threads (this one is `thread`); distillation rows go to the
+// `warps` warps (this thread's is `warp`), lanes along the row. The caller sums the shares over the threads; all
+// lanes of each warp must call it.
+template <typename acc_t>
+__device__ __forceinline__ acc_t denominator_share(const TaskMeta& task, int64_t begin, int64_t end,
+                                                   const acc_t* col_weight, int thread, int threads, int warp,
+                                                   int warps) {
+  acc_t weight_sum = acc_t(0);
+  int64_t count = 0;  // exact; converted once
+  if (task.kind == kCrossEntropy) {
+    const int64_t* y = static_cast<const int64_t*>(task.target);
+    const acc_t* class_weight = col_weight != nullptr ? col_weight + task.col_offset : nullptr;
+    for (int64_t r = begin + thread; r < end; r += threads) {
+      const int64_t v = y[r];
+      if (v != task.ignore_index && v >= 0 && v < task.width) {
+        if (class_weight != nullptr) {
+          weight_sum += class_weight[v];
+        } else {
+          ++count;
+        }
+      }
+    }
+  } else if (is_distillation(task.kind)) {
+    // Valid rows: a NaN anywhere marks the row missing. A warp per row, reading along it (coalesced).
+    const acc_t* y = static_cast<const acc_t*>(task.target);
+    const int lane = threadIdx.x % kWarpSize;
+    for (int64_t r = begin + warp; r < end; r += warps) {  // uniform over the warp
+      bool missing = false;
+      for (int64_t c = lane; c < task.width; c += kWarpSize) {
+        missing = missing || isnan(y[r * task.width + c]);
+      }
+      const bool row_missing = __any_sync(kFullMask, missing);
+      if (lane == 0 && !row_missing) {
+        ++count;
+      }
+    }
+  } else if (task.kind != kNone) {
+    const acc_t* y = static_cast<const acc_t*>(task.target);
+    for (int64_t i = begin * task.width + thread; i < end * task.width; i += threads) {
+      count += isnan(y[i]) ? 0 : 1;
+    }
+  }
+  return weight_sum + static_cast<acc_t>(count);
+}
+
+// launch_finalize_losses_with_total's work for a block of kWarps warps: a warp per task (the loss partials of all
+// `rows` rows in a fixed order, × 1/denominator), then the total Σ λ_t L_t over the tasks in batch order. Partials
+// are loaded through L2 (written by other blocks of the same launch in launch_fused_losses). All threads call it.
+template <int kWarps, typename acc_t>
+__device__ __forceinline__ void finalize_batch_with_total(const TaskBatch& batch, int64_t rows,
+                                                          const void* denominator_parts, int32_t denominator_slots,
+                                                          const acc_t* loss_parts, int64_t loss_parts_stride,
+                                                          acc_t* losses, acc_t* inverse_denominators,
+                                                          const acc_t* task_weights, acc_t* total) {
+  __shared__ acc_t weighted_losses[kMaxTasksPerLaunch];
+  const int warp = threadIdx.x / kWarpSize;
+  const int lane = threadIdx.x % kWarpSize;
+  for (int k = warp; k < batch.count; k += kWarps) {  // uniform over the warp
+    const TaskMeta& task = batch.task[k];
+    const int64_t parts = loss_part_count(rows, task.width);
+    const acc_t* task_parts = loss_parts + int64_t(task.index) * loss_parts_stride;
+    acc_t sum = acc_t(0);
+    for (int64_t i = lane; i < parts; i += kWarpSize) {
+      sum += __ldcg(task_parts + i);
+    }
+    sum = group_all_reduce(sum, kWarpSize, Sum{});
+    const acc_t inv_denominator = inverse_denominator<acc_t>(denominator_parts, denominator_slots, task.index);
+    if (lane == 0) {
+      const acc_t loss = sum * inv_denominator;
+      losses[task.index] = loss;
+      if (inverse_denominators != nullptr) {
+        inverse_denominators[task.index] = inv_denominator;
+      }
+      weighted_losses[k] = loss * task_weights[task.index];
+    }
+  }
+  __syncthreads();
+  if (warp == 0) {
+    acc_t sum = acc_t(0);
+    for (int k = lane; k < batch.count; k += kWarpSize) {
+      sum += weighted_losses[k];
+    }
+    sum = group_all_reduce(sum, kWarpSize, Sum{});
+    if (lane == 0) {
+      *total = sum;
+    }
+  }
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -525,14 +618,11 @@ __device__ __forceinline__ typename ScalarTraits<scalar_t>::acc_t distillation_s
   return loss;
 }
 
+// The rows of one warp of the warp kernel: its task's loss and gradient, the loss of its rows in its partial slot.
 template <typename scalar_t>
-__global__ void __launch_bounds__(kWarpKernelThreads, kWarpKernelMinBlocks)
-    segment_loss_warp_kernel(const __grid_constant__ TaskBatch batch, const __grid_constant__ SegmentArgs args) {
+__device__ __forceinline__ void segment_warp_rows(const TaskBatch& batch, const SegmentArgs& args,
+                                                  const LossFinish& finish, int warp) {
   using acc_t = typename ScalarTraits<scalar_t>::acc_t;
-  const int warp = blockIdx.x * (kWarpKernelThreads / kWarpSize) + threadIdx.x / kWarpSize;
-  if (warp >= batch.total_warps) {
-    return;  // whole warps only: the shuffles below never miss a lane
-  }
   // The task owning this warp: the last one whose first warp is ≤ warp (tasks are in first_warp order).
   int lo = 0;
   int hi = batch.count - 1;
@@ -559,7 +649,18 @@ __global__ void __launch_bounds__(kWarpKernelThreads, kWarpKernelMinBlocks)
   r.row = args.row_begin + local_row;
   r.lane_in_row = lane % lanes;
   r.lanes = lanes;
-  r.inv_denominator = inverse_denominator<acc_t>(args.denominator_parts, args.denominator_slots, task.index);
+  if (finish.counted_denominators != nullptr) {
+    // Every warp of the task counts the same targets in the same order: bitwise the same denominator everywhere.
+    const acc_t denominator = group_all_reduce(
+        denominator_share(task, 0, args.rows, static_cast<const acc_t*>(args.col_weight), lane, kWarpSize, 0, 1),
+        kWarpSize, Sum{});
+    if (warp == task.first_warp && lane == 0) {  // for the finalize, as launch_denominators' only slot
+      static_cast<acc_t*>(finish.counted_denominators)[int64_t(task.index) * kMaxDenominatorSlots] = denominator;
+    }
+    r.inv_denominator = safe_reciprocal(denominator);
+  } else {
+    r.inv_denominator = inverse_denominator<acc_t>(args.denominator_parts, args.denominator_slots, task.index);
+  }
 
   acc_t loss = acc_t(0);
   switch (task.kind) {
@@ -592,6 +693,43 @@ __global__ void __launch_bounds__(kWarpKernelThreads, kWarpKernelMinBlocks)
   if (lane == 0) {
     const int64_t slot = (args.row_begin + first_row) / rows_per_warp;
     static_cast<acc_t*>(args.loss_parts)[int64_t(task.index) * args.loss_parts_stride + slot] = loss;
+  }
+}
+
+// launch_fused_losses: the last block to finish finalizes (each block makes its loss partials visible device-wide
+// before it counts itself in, the last one sees every other block's).
+template <typename acc_t>
+__device__ __forceinline__ void finalize_if_last_block(const TaskBatch& batch, const SegmentArgs& args,
+                                                       const LossFinish& finish) {
+  __shared__ int last;
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    last = atomicAdd(finish.arrivals, 1u) == gridDim.x - 1 ? 1 : 0;
+  }
+  __syncthreads();
+  if (last != 0) {  // uniform over the block
+    __threadfence();
+    const bool counted = finish.counted_denominators != nullptr;
+    finalize_batch_with_total<kWarpKernelThreads / kWarpSize>(
+        batch, args.rows, counted ? finish.counted_denominators : args.denominator_parts,
+        counted ? 1 : args.denominator_slots,
+        static_cast<const acc_t*>(args.loss_parts), args.loss_parts_stride, static_cast<acc_t*>(finish.losses),
+        static_cast<acc_t*>(finish.inverse_denominators), static_cast<const acc_t*>(finish.task_weights),
+        static_cast<acc_t*>(finish.total));
+  }
+}
+
+template <typename scalar_t>
+__global__ void __launch_bounds__(kWarpKernelThreads, kWarpKernelMinBlocks)
+    segment_loss_warp_kernel(const __grid_constant__ TaskBatch batch, const __grid_constant__ SegmentArgs args,
+                             const __grid_constant__ LossFinish finish) {
+  const int warp = blockIdx.x * (kWarpKernelThreads / kWarpSize) + threadIdx.x / kWarpSize;
+  if (warp < batch.total_warps) {  // whole warps only: the shuffles never miss a lane
+    segment_warp_rows<scalar_t>(batch, args, finish, warp);
+  }
+  if (finish.arrivals != nullptr) {
+    finalize_if_last_block<typename ScalarTraits<scalar_t>::acc_t>(batch, args, finish);
   }
 }
 
@@ -824,45 +962,9 @@ __global__ void __launch_bounds__(kDenominatorThreads)
   const int64_t per_slot = (rows + gridDim.x - 1) / gridDim.x;
   const int64_t begin = blockIdx.x * per_slot;
   const int64_t end = begin + per_slot < rows ? begin + per_slot : rows;
-
-  acc_t weight_sum = acc_t(0);
-  int64_t count = 0;  // exact; converted once
-  if (task.kind == kCrossEntropy) {
-    const int64_t* y = static_cast<const int64_t*>(task.target);
-    const acc_t* class_weight = col_weight != nullptr ? col_weight + task.col_offset : nullptr;
-    for (int64_t r = begin + threadIdx.x; r < end; r += blockDim.x) {
-      const int64_t v = y[r];
-      if (v != task.ignore_index && v >= 0 && v < task.width) {
-        if (class_weight != nullptr) {
-          weight_sum += class_weight[v];
-        } else {
-          ++count;
-        }
-      }
-    }
-  } else if (is_distillation(task.kind)) {
-    // Valid rows: a NaN anywhere marks the row missing. A warp per row, reading along it (coalesced).
-    const acc_t* y = static_cast<const acc_t*>(task.target);
-    const int warp = threadIdx.x / kWarpSize;
-    const int lane = threadIdx.x % kWarpSize;
-    for (int64_t r = begin + warp; r < end; r += kDenominatorWarps) {  // uniform over the warp
-      bool missing = false;
-      for (int64_t c = lane; c < task.width; c += kWarpSize) {
-        missing = missing || isnan(y[r * task.width + c]);
-      }
-      const bool row_missing = __any_sync(kFullMask, missing);
-      if (lane == 0 && !row_missing) {
-        ++count;
-      }
-    }
-  } else if (task.kind != kNone) {
-    const acc_t* y = static_cast<const acc_t*>(task.target);
-    for (int64_t i = begin * task.width + threadIdx.x; i < end * task.width; i += blockDim.x) {
-      count += isnan(y[i]) ? 0 : 1;
-    }
-  }
-  const acc_t total =
-      block_all_reduce<kDenominatorWarps>(weight_sum + static_cast<acc_t>(count), Sum{}, scratch);
+  const acc_t share = denominator_share(task, begin, end, col_weight, threadIdx.x, blockDim.x,
+                                        threadIdx.x / kWarpSize, kDenominatorWarps);
+  const acc_t total = block_all_reduce<kDenominatorWarps>(share, Sum{}, scratch);
   if (threadIdx.x == 0) {
     parts[int64_t(task.index) * kMaxDenominatorSlots + blockIdx.x] = total;
   }
@@ -900,39 +1002,8 @@ __global__ void __launch_bounds__(kFinalizeThreads)
     finalize_with_total_kernel(const __grid_constant__ TaskBatch batch, int64_t rows, const acc_t* denominator_parts,
                                int32_t denominator_slots, const acc_t* loss_parts, int64_t loss_parts_stride,
                                acc_t* losses, acc_t* inverse_denominators, const acc_t* task_weights, acc_t* total) {
-  __shared__ acc_t weighted_losses[kMaxTasksPerLaunch];
-  const int warp = threadIdx.x / kWarpSize;
-  const int lane = threadIdx.x % kWarpSize;
-  for (int k = warp; k < batch.count; k += kFinalizeWarps) {  // uniform over the warp
-    const TaskMeta& task = batch.task[k];
-    const int64_t parts = loss_part_count(rows, task.width);
-    const acc_t* task_parts = loss_parts + int64_t(task.index) * loss_parts_stride;
-    acc_t sum = acc_t(0);
-    for (int64_t i = lane; i < parts; i += kWarpSize) {
-      sum += task_parts[i];
-    }
-    sum = group_all_reduce(sum, kWarpSize, Sum{});
-    const acc_t inv_denominator = inverse_denominator<acc_t>(denominator_parts, denominator_slots, task.index);
-    if (lane == 0) {
-      const acc_t loss = sum * inv_denominator;
-      losses[task.index] = loss;
-      if (inverse_denominators != nullptr) {
-        inverse_denominators[task.index] = inv_denominator;
-      }
-      weighted_losses[k] = loss * task_weights[task.index];
-    }
-  }
-  __syncthreads();
-  if (warp == 0) {
-    acc_t sum = acc_t(0);
-    for (int k = lane; k < batch.count; k += kWarpSize) {
-      sum += weighted_losses[k];
-    }
-    sum = group_all_reduce(sum, kWarpSize, Sum{});
-    if (lane == 0) {
-      *total = sum;
-    }
-  }
+  finalize_batch_with_total<kFinalizeWarps>(batch, rows, denominator_parts, denominator_slots, loss_parts,
+                                            loss_parts_stride, losses, inverse_denominators, task_weights, total);
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -1252,16 +1323,19 @@ cudaError_t launch_denominators(InputDType dtype, const TaskBatch& batch, int64_
   return cudaGetLastError();
 }
 
-cudaError_t launch_segment_losses(InputDType dtype, const TaskBatch& batch, const SegmentArgs& args,
-                                  cudaStream_t stream) {
+namespace {
+
+// The checks launch_segment_losses and launch_fused_losses share, and the batch split between the two kernels:
+// narrow segments get consecutive warp ranges in the warp kernel (first_warp, total_warps), wide ones a grid row
+// each in the block kernel.
+cudaError_t split_segments(const TaskBatch& batch, const SegmentArgs& args, TaskBatch& narrow, TaskBatch& wide) {
   const auto phase = [](const void* p) { return reinterpret_cast<uintptr_t>(p) % 16; };
   if (!valid_batch(batch) || args.rows <= 0 || args.rows > INT_MAX || args.row_begin % kRowAlignment != 0 ||
       (args.grad != nullptr && phase(args.logits) != phase(args.grad))) {
     return cudaErrorInvalidValue;
   }
-  // Split the batch: narrow segments get consecutive warp ranges in the warp kernel, wide ones a grid row each.
-  TaskBatch narrow{};
-  TaskBatch wide{};
+  narrow = TaskBatch{};
+  wide = TaskBatch{};
   int64_t warps = 0;
   for (int i = 0; i < batch.count; ++i) {
     TaskMeta task = batch.task[i];
@@ -1277,18 +1351,89 @@ cudaError_t launch_segment_losses(InputDType dtype, const TaskBatch& batch, cons
     }
   }
   narrow.total_warps = static_cast<int32_t>(warps);
+  return cudaSuccess;
+}
 
+unsigned warp_kernel_blocks(const TaskBatch& narrow) {
+  constexpr int kWarpsPerBlock = kWarpKernelThreads / kWarpSize;
+  return static_cast<unsigned>((narrow.total_warps + kWarpsPerBlock - 1) / kWarpsPerBlock);
+}
+
+// Targets all warps of a task read together when they count its denominator themselves (inline_denominators_apply):
+// 64 tasks of 256 binary rows read 2048 each (8 per lane), 512 rows 8192.
+constexpr int64_t kMaxInlineDenominatorReads = 16384;
+
+}  // namespace
+
+cudaError_t launch_segment_losses(InputDType dtype, const TaskBatch& batch, const SegmentArgs& args,
+                                  cudaStream_t stream) {
+  TaskBatch narrow;
+  TaskBatch wide;
+  const cudaError_t invalid = split_segments(batch, args, narrow, wide);
+  if (invalid != cudaSuccess) {
+    return invalid;
+  }
   dispatch_input_dtype(dtype, [&](auto tag) {
     using scalar_t = decltype(tag);
     if (narrow.count > 0) {
-      constexpr int kWarpsPerBlock = kWarpKernelThreads / kWarpSize;
-      const unsigned blocks = static_cast<unsigned>((warps + kWarpsPerBlock - 1) / kWarpsPerBlock);
-      segment_loss_warp_kernel<scalar_t><<<blocks, kWarpKernelThreads, 0, stream>>>(narrow, args);
+      segment_loss_warp_kernel<scalar_t><<<warp_kernel_blocks(narrow), kWarpKernelThreads, 0, stream>>>(
+          narrow, args, LossFinish{});
     }
     if (wide.count > 0) {
       const dim3 grid(static_cast<unsigned>(args.rows), wide.count);
       segment_loss_row_kernel<scalar_t><<<grid, kRowKernelThreads, 0, stream>>>(wide, args);
     }
+  });
+  return cudaGetLastError();
+}
+
+bool fused_losses_apply(const TaskBatch& batch, int64_t rows) {
+  if (!finalize_computes_total(batch, rows)) {
+    return false;
+  }
+  for (int i = 0; i < batch.count; ++i) {
+    if (batch.task[i].width > kMaxWarpSegmentWidth) {
+      return false;
+    }
+  }
+  return true;
+}
+
+bool inline_denominators_apply(const TaskBatch& batch, int64_t rows) {
+  if (!fused_losses_apply(batch, rows)) {
+    return false;
+  }
+  for (int i = 0; i < batch.count; ++i) {
+    const TaskMeta& task = batch.task[i];
+    const int64_t read_per_warp = task.kind == kCrossEntropy ? rows : rows * task.width;
+    if (loss_part_count(rows, task.width) * read_per_warp > kMaxInlineDenominatorReads) {
+      return false;
+    }
+  }
+  return true;
+}
+
+cudaError_t launch_fused_losses(InputDType dtype, const TaskBatch& batch, const SegmentArgs& args,
+                                const LossFinish& finish, cudaStream_t stream) {
+  if (!fused_losses_apply(batch, args.rows) || args.row_begin != 0 || finish.arrivals == nullptr ||
+      finish.task_weights == nullptr || finish.losses == nullptr || finish.total == nullptr ||
+      (finish.counted_denominators != nullptr && !inline_denominators_apply(batch, args.rows))) {
+    return cudaErrorInvalidValue;
+  }
+  TaskBatch narrow;
+  TaskBatch wide;
+  const cudaError_t invalid = split_segments(batch, args, narrow, wide);
+  if (invalid != cudaSuccess) {
+    return invalid;
+  }
+  const cudaError_t zeroed = cudaMemsetAsync(finish.arrivals, 0, sizeof(unsigned int), stream);
+  if (zeroed != cudaSuccess) {
+    return zeroed;
+  }
+  dispatch_input_dtype(dtype, [&](auto tag) {
+    using scalar_t = decltype(tag);
+    segment_loss_warp_kernel<scalar_t><<<warp_kernel_blocks(narrow), kWarpKernelThreads, 0, stream>>>(narrow, args,
+                                                                                                        finish);
   });
   return cudaGetLastError();
 }
