@@ -227,6 +227,7 @@ __device__ __forceinline__ acc_t denominator_share(const TaskMeta& task, int64_t
   if (task.kind == kCrossEntropy) {
     const int64_t* y = static_cast<const int64_t*>(task.target);
     const acc_t* class_weight = col_weight != nullptr ? col_weight + task.col_offset : nullptr;
+#pragma unroll 8  // independent loads in flight together: a warp counting a whole task is latency-bound
     for (int64_t r = begin + thread; r < end; r += threads) {
       const int64_t v = y[r];
       if (v != task.ignore_index && v >= 0 && v < task.width) {
@@ -253,6 +254,7 @@ __device__ __forceinline__ acc_t denominator_share(const TaskMeta& task, int64_t
     }
   } else if (task.kind != kNone) {
     const acc_t* y = static_cast<const acc_t*>(task.target);
+#pragma unroll 8
     for (int64_t i = begin * task.width + thread; i < end * task.width; i += threads) {
       count += isnan(y[i]) ? 0 : 1;
     }
@@ -263,32 +265,61 @@ __device__ __forceinline__ acc_t denominator_share(const TaskMeta& task, int64_t
 // launch_finalize_losses_with_total's work for a block of kWarps warps: a warp per task (the loss partials of all
 // `rows` rows in a fixed order, × 1/denominator), then the total Σ λ_t L_t over the tasks in batch order. Partials
 // are loaded through L2 (written by other blocks of the same launch in launch_fused_losses). All threads call it.
+// Each warp first issues the loads of all its tasks, then reduces: a load → reduce → store chain per task (8 tasks
+// per warp in the 8-warp block of launch_fused_losses) made that block the longest part of the launch.
 template <int kWarps, typename acc_t>
 __device__ __forceinline__ void finalize_batch_with_total(const TaskBatch& batch, int64_t rows,
                                                           const void* denominator_parts, int32_t denominator_slots,
                                                           const acc_t* loss_parts, int64_t loss_parts_stride,
                                                           acc_t* losses, acc_t* inverse_denominators,
                                                           const acc_t* task_weights, acc_t* total) {
+  constexpr int kTasksPerWarp = (kMaxTasksPerLaunch + kWarps - 1) / kWarps;
   __shared__ acc_t weighted_losses[kMaxTasksPerLaunch];
   const int warp = threadIdx.x / kWarpSize;
   const int lane = threadIdx.x % kWarpSize;
-  for (int k = warp; k < batch.count; k += kWarps) {  // uniform over the warp
-    const TaskMeta& task = batch.task[k];
-    const int64_t parts = loss_part_count(rows, task.width);
+  const acc_t* denominators = static_cast<const acc_t*>(denominator_parts);
+  acc_t sums[kTasksPerWarp];
+  acc_t denominator_shares[kTasksPerWarp];
+  acc_t weights[kTasksPerWarp];
+#pragma unroll
+  for (int j = 0; j < kTasksPerWarp; ++j) {  // the first partial of every task: no loop, all loads in flight
+    const int k = warp + j * kWarps;
+    const TaskMeta& task = batch.task[k < batch.count ? k : 0];
     const acc_t* task_parts = loss_parts + int64_t(task.index) * loss_parts_stride;
-    acc_t sum = acc_t(0);
-    for (int64_t i = lane; i < parts; i += kWarpSize) {
-      sum += __ldcg(task_parts + i);
+    const bool mine = k < batch.count;
+    sums[j] = mine && lane < loss_part_count(rows, task.width) ? __ldcg(task_parts + lane) : acc_t(0);
+    denominator_shares[j] = mine && lane < denominator_slots
+                                ? __ldcg(denominators + int64_t(task.index) * kMaxDenominatorSlots + lane)
+                                : acc_t(0);
+    weights[j] = mine && lane == 0 ? task_weights[task.index] : acc_t(0);
+  }
+#pragma unroll
+  for (int j = 0; j < kTasksPerWarp; ++j) {  // the rest, for tasks with more partials than lanes
+    const int k = warp + j * kWarps;
+    if (k < batch.count) {
+      const TaskMeta& task = batch.task[k];
+      const int64_t parts = loss_part_count(rows, task.width);
+      const acc_t* task_parts = loss_parts + int64_t(task.index) * loss_parts_stride;
+#pragma unroll 4
+      for (int64_t i = lane + kWarpSize; i < parts; i += kWarpSize) {
+        sums[j] += __ldcg(task_parts + i);
+      }
     }
-    sum = group_all_reduce(sum, kWarpSize, Sum{});
-    const acc_t inv_denominator = inverse_denominator<acc_t>(denominator_parts, denominator_slots, task.index);
-    if (lane == 0) {
+  }
+#pragma unroll
+  for (int j = 0; j < kTasksPerWarp; ++j) {
+    const int k = warp + j * kWarps;
+    const acc_t sum = group_all_reduce(sums[j], kWarpSize, Sum{});
+    // inverse_denominator's reduction: bitwise the denominator the loss pass scaled the gradients with
+    const acc_t inv_denominator = safe_reciprocal(group_all_reduce(denominator_shares[j], kWarpSize, Sum{}));
+    if (k < batch.count && lane == 0) {
+      const TaskMeta& task = batch.task[k];
       const acc_t loss = sum * inv_denominator;
       losses[task.index] = loss;
       if (inverse_denominators != nullptr) {
         inverse_denominators[task.index] = inv_denominator;
       }
-      weighted_losses[k] = loss * task_weights[task.index];
+      weighted_losses[k] = loss * weights[j];
     }
   }
   __syncthreads();
