@@ -156,11 +156,11 @@ def _decomposition_edges():
     yield pytest.param(unaligned, (2, 17), id="wide segments off the 16-byte grid")
     few = [mf.Classification("c", 5), mf.Binary("b"), mf.Regression("r", dim=2)]
     yield pytest.param(few, (4500,), id="4500 rows in 32 denominator slots")
-    # Narrow tasks in one launch group: the loss pass finalizes in its last block (launch_fused_losses), counting the
-    # denominators itself on small batches. Every kind, class weights and probabilities with missing rows.
+    # Narrow tasks in one launch group: on small batches the segment pass counts the denominators itself
+    # (segment_counts_denominators). Every kind, class weights and probabilities with missing rows.
     narrow = [*_all_kinds(), mf.Distillation("kd", 9, temperature=2.0), mf.Distillation("kp", 4, targets="probs")]
     yield pytest.param(narrow, (3, 7), id="every kind, denominators counted in the loss pass")
-    yield pytest.param(narrow, (300,), id="every kind, one launch after the denominators")
+    yield pytest.param(narrow, (300,), id="every kind, denominators launched first")
 
 
 @pytest.mark.parametrize("chunk_rows", [None, 40])

@@ -152,7 +152,7 @@ struct KernelTasks {
 // shares.
 struct LossPipeline : KernelTasks {
   at::Tensor denominator_parts;  // (T, kMaxDenominatorSlots)
-  int32_t denominator_slots;
+  int32_t denominator_slots;      // 1 once whole_batch_losses has counted them in the segment pass
   at::Tensor loss_parts;  // (T, N)
   at::Tensor losses;      // (T,)
   at::Tensor row_stats;   // (T, N, kRowStatsWidth) when save_row_stats() was called, else undefined
@@ -192,35 +192,21 @@ struct LossPipeline : KernelTasks {
     }
   }
 
-  // multi_task_loss's loss pass over the whole batch (logits: all N rows) and its result, the losses and the total
-  // Σ λ_t L_t: one launch that also finalizes when the kernels allow it (cuda::fused_losses_apply; on small batches
-  // without the denominator launch either), else denominators, segment pass and finalize.
-  std::pair<at::Tensor, at::Tensor> losses_of_batch(const at::Tensor& logits, const at::Tensor& grad,
-                                                    const at::Tensor& task_weights) {
-    if (batches.size() != 1 || !cuda::fused_losses_apply(batches[0], rows)) {
+  // multi_task_loss's loss pass over the whole batch (logits: all N rows): on a small batch of narrow tasks the
+  // segment pass counts the denominators itself (cuda::segment_counts_denominators: one launch less, ~2 us of GPU
+  // time on an H100), else launch_denominators runs first.
+  void whole_batch_losses(const at::Tensor& logits, const at::Tensor& grad) {
+    if (batches.size() != 1 || !cuda::segment_counts_denominators(batches[0], rows)) {
       compute_denominators();
       segment_losses(logits, grad, 0);
-      return finalize(task_weights);
+      return;
     }
-    const bool counted = cuda::inline_denominators_apply(batches[0], rows);
-    if (!counted) {
-      compute_denominators();
-    }
-    const at::Tensor weights = task_weights.contiguous();
-    const at::Tensor arrivals = at::empty({1}, losses.options().dtype(at::kInt));
-    at::Tensor total = at::empty({}, losses.options());
-    cuda::LossFinish finish{};
-    finish.arrivals = static_cast<unsigned int*>(arrivals.mutable_data_ptr());
-    finish.task_weights = weights.const_data_ptr();
-    finish.losses = losses.mutable_data_ptr();
-    finish.total = total.mutable_data_ptr();
-    finish.inverse_denominators = inverse_denominators.defined() ? inverse_denominators.mutable_data_ptr() : nullptr;
-    finish.counted_denominators = counted ? denominator_parts.mutable_data_ptr() : nullptr;
-    C10_CUDA_CHECK(cuda::launch_fused_losses(dtype, batches[0], segment_args(logits, grad, 0), finish, stream));
-    return {losses, total};
+    cuda::SegmentArgs args = segment_args(logits, grad, 0);
+    args.counted_denominators = denominator_parts.mutable_data_ptr();
+    C10_CUDA_CHECK(cuda::launch_segment_losses(dtype, batches[0], args, stream));
+    denominator_slots = 1;  // the whole count is in slot 0
   }
 
- private:
   cuda::SegmentArgs segment_args(const at::Tensor& logits, const at::Tensor& grad, int64_t row_begin) const {
     cuda::SegmentArgs args;
     args.logits = logits.const_data_ptr();
@@ -235,10 +221,10 @@ struct LossPipeline : KernelTasks {
     args.loss_parts_stride = loss_parts.stride(0);
     args.row_stats = row_stats.defined() ? row_stats.mutable_data_ptr() : nullptr;
     args.row_stats_rows = rows;
+    args.counted_denominators = nullptr;
     return args;
   }
 
- public:
   // The losses and the total Σ λ_t L_t (task_weights: (T,), accumulation dtype). With one launch group of small
   // heads the finalize kernel computes the total too; otherwise it takes one reduction more.
   std::pair<at::Tensor, at::Tensor> finalize(const at::Tensor& task_weights) {
@@ -325,7 +311,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> multi_task_loss_cuda(
   const at::Tensor logits = head_logits(h, weight, bias).contiguous();
   // Without return_logits the gradient overwrites the logits (one buffer, one pass).
   const at::Tensor grad_logits = return_logits ? at::empty_like(logits) : logits;
-  const auto [losses, total] = pipeline.losses_of_batch(logits, grad_logits, prepared.task_weights);
+  pipeline.whole_batch_losses(logits, grad_logits);
+  const auto [losses, total] = pipeline.finalize(prepared.task_weights);
   return {total, losses, grad_logits,
           return_logits ? logits : at::empty({0}, h.options())};
 }

@@ -203,13 +203,11 @@ __device__ __forceinline__ T block_all_reduce(T v, Op op, T* scratch) {
 
 // 1 / (the task's denominator), or 0 when it has no valid entry. Reduces the denominator partials with one warp
 // in a fixed order; every caller (loss pass, finalize) therefore sees bitwise the same denominator.
-// Loaded through L2 (__ldcg): the last block of launch_fused_losses reads partials other blocks of the same launch
-// wrote.
 template <typename acc_t>
 __device__ __forceinline__ acc_t inverse_denominator(const void* parts, int32_t slots, int32_t task_index) {
   const int lane = threadIdx.x % kWarpSize;
   const acc_t* task_parts = static_cast<const acc_t*>(parts) + int64_t(task_index) * kMaxDenominatorSlots;
-  const acc_t v = lane < slots ? __ldcg(task_parts + lane) : acc_t(0);
+  const acc_t v = lane < slots ? task_parts[lane] : acc_t(0);
   return safe_reciprocal(group_all_reduce(v, kWarpSize, Sum{}));
 }
 
@@ -260,79 +258,6 @@ __device__ __forceinline__ acc_t denominator_share(const TaskMeta& task, int64_t
     }
   }
   return weight_sum + static_cast<acc_t>(count);
-}
-
-// launch_finalize_losses_with_total's work for a block of kWarps warps: a warp per task (the loss partials of all
-// `rows` rows in a fixed order, × 1/denominator), then the total Σ λ_t L_t over the tasks in batch order. Partials
-// are loaded through L2 (written by other blocks of the same launch in launch_fused_losses). All threads call it.
-// Each warp first issues the loads of all its tasks, then reduces: a load → reduce → store chain per task (8 tasks
-// per warp in the 8-warp block of launch_fused_losses) made that block the longest part of the launch.
-template <int kWarps, typename acc_t>
-__device__ __forceinline__ void finalize_batch_with_total(const TaskBatch& batch, int64_t rows,
-                                                          const void* denominator_parts, int32_t denominator_slots,
-                                                          const acc_t* loss_parts, int64_t loss_parts_stride,
-                                                          acc_t* losses, acc_t* inverse_denominators,
-                                                          const acc_t* task_weights, acc_t* total) {
-  constexpr int kTasksPerWarp = (kMaxTasksPerLaunch + kWarps - 1) / kWarps;
-  __shared__ acc_t weighted_losses[kMaxTasksPerLaunch];
-  const int warp = threadIdx.x / kWarpSize;
-  const int lane = threadIdx.x % kWarpSize;
-  const acc_t* denominators = static_cast<const acc_t*>(denominator_parts);
-  acc_t sums[kTasksPerWarp];
-  acc_t denominator_shares[kTasksPerWarp];
-  acc_t weights[kTasksPerWarp];
-#pragma unroll
-  for (int j = 0; j < kTasksPerWarp; ++j) {  // the first partial of every task: no loop, all loads in flight
-    const int k = warp + j * kWarps;
-    const TaskMeta& task = batch.task[k < batch.count ? k : 0];
-    const acc_t* task_parts = loss_parts + int64_t(task.index) * loss_parts_stride;
-    const bool mine = k < batch.count;
-    sums[j] = mine && lane < loss_part_count(rows, task.width) ? __ldcg(task_parts + lane) : acc_t(0);
-    denominator_shares[j] = mine && lane < denominator_slots
-                                ? __ldcg(denominators + int64_t(task.index) * kMaxDenominatorSlots + lane)
-                                : acc_t(0);
-    weights[j] = mine && lane == 0 ? task_weights[task.index] : acc_t(0);
-  }
-#pragma unroll
-  for (int j = 0; j < kTasksPerWarp; ++j) {  // the rest, for tasks with more partials than lanes
-    const int k = warp + j * kWarps;
-    if (k < batch.count) {
-      const TaskMeta& task = batch.task[k];
-      const int64_t parts = loss_part_count(rows, task.width);
-      const acc_t* task_parts = loss_parts + int64_t(task.index) * loss_parts_stride;
-#pragma unroll 4
-      for (int64_t i = lane + kWarpSize; i < parts; i += kWarpSize) {
-        sums[j] += __ldcg(task_parts + i);
-      }
-    }
-  }
-#pragma unroll
-  for (int j = 0; j < kTasksPerWarp; ++j) {
-    const int k = warp + j * kWarps;
-    const acc_t sum = group_all_reduce(sums[j], kWarpSize, Sum{});
-    // inverse_denominator's reduction: bitwise the denominator the loss pass scaled the gradients with
-    const acc_t inv_denominator = safe_reciprocal(group_all_reduce(denominator_shares[j], kWarpSize, Sum{}));
-    if (k < batch.count && lane == 0) {
-      const TaskMeta& task = batch.task[k];
-      const acc_t loss = sum * inv_denominator;
-      losses[task.index] = loss;
-      if (inverse_denominators != nullptr) {
-        inverse_denominators[task.index] = inv_denominator;
-      }
-      weighted_losses[k] = loss * weights[j];
-    }
-  }
-  __syncthreads();
-  if (warp == 0) {
-    acc_t sum = acc_t(0);
-    for (int k = lane; k < batch.count; k += kWarpSize) {
-      sum += weighted_losses[k];
-    }
-    sum = group_all_reduce(sum, kWarpSize, Sum{});
-    if (lane == 0) {
-      *total = sum;
-    }
-  }
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -651,8 +576,7 @@ __device__ __forceinline__ typename ScalarTraits<scalar_t>::acc_t distillation_s
 
 // The rows of one warp of the warp kernel: its task's loss and gradient, the loss of its rows in its partial slot.
 template <typename scalar_t>
-__device__ __forceinline__ void segment_warp_rows(const TaskBatch& batch, const SegmentArgs& args,
-                                                  const LossFinish& finish, int warp) {
+__device__ __forceinline__ void segment_warp_rows(const TaskBatch& batch, const SegmentArgs& args, int warp) {
   using acc_t = typename ScalarTraits<scalar_t>::acc_t;
   // The task owning this warp: the last one whose first warp is ≤ warp (tasks are in first_warp order).
   int lo = 0;
@@ -680,13 +604,13 @@ __device__ __forceinline__ void segment_warp_rows(const TaskBatch& batch, const 
   r.row = args.row_begin + local_row;
   r.lane_in_row = lane % lanes;
   r.lanes = lanes;
-  if (finish.counted_denominators != nullptr) {
+  if (args.counted_denominators != nullptr) {
     // Every warp of the task counts the same targets in the same order: bitwise the same denominator everywhere.
     const acc_t denominator = group_all_reduce(
         denominator_share(task, 0, args.rows, static_cast<const acc_t*>(args.col_weight), lane, kWarpSize, 0, 1),
         kWarpSize, Sum{});
     if (warp == task.first_warp && lane == 0) {  // for the finalize, as launch_denominators' only slot
-      static_cast<acc_t*>(finish.counted_denominators)[int64_t(task.index) * kMaxDenominatorSlots] = denominator;
+      static_cast<acc_t*>(args.counted_denominators)[int64_t(task.index) * kMaxDenominatorSlots] = denominator;
     }
     r.inv_denominator = safe_reciprocal(denominator);
   } else {
@@ -727,40 +651,12 @@ __device__ __forceinline__ void segment_warp_rows(const TaskBatch& batch, const 
   }
 }
 
-// launch_fused_losses: the last block to finish finalizes (each block makes its loss partials visible device-wide
-// before it counts itself in, the last one sees every other block's).
-template <typename acc_t>
-__device__ __forceinline__ void finalize_if_last_block(const TaskBatch& batch, const SegmentArgs& args,
-                                                       const LossFinish& finish) {
-  __shared__ int last;
-  __threadfence();
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    last = atomicAdd(finish.arrivals, 1u) == gridDim.x - 1 ? 1 : 0;
-  }
-  __syncthreads();
-  if (last != 0) {  // uniform over the block
-    __threadfence();
-    const bool counted = finish.counted_denominators != nullptr;
-    finalize_batch_with_total<kWarpKernelThreads / kWarpSize>(
-        batch, args.rows, counted ? finish.counted_denominators : args.denominator_parts,
-        counted ? 1 : args.denominator_slots,
-        static_cast<const acc_t*>(args.loss_parts), args.loss_parts_stride, static_cast<acc_t*>(finish.losses),
-        static_cast<acc_t*>(finish.inverse_denominators), static_cast<const acc_t*>(finish.task_weights),
-        static_cast<acc_t*>(finish.total));
-  }
-}
-
 template <typename scalar_t>
 __global__ void __launch_bounds__(kWarpKernelThreads, kWarpKernelMinBlocks)
-    segment_loss_warp_kernel(const __grid_constant__ TaskBatch batch, const __grid_constant__ SegmentArgs args,
-                             const __grid_constant__ LossFinish finish) {
+    segment_loss_warp_kernel(const __grid_constant__ TaskBatch batch, const __grid_constant__ SegmentArgs args) {
   const int warp = blockIdx.x * (kWarpKernelThreads / kWarpSize) + threadIdx.x / kWarpSize;
   if (warp < batch.total_warps) {  // whole warps only: the shuffles never miss a lane
-    segment_warp_rows<scalar_t>(batch, args, finish, warp);
-  }
-  if (finish.arrivals != nullptr) {
-    finalize_if_last_block<typename ScalarTraits<scalar_t>::acc_t>(batch, args, finish);
+    segment_warp_rows<scalar_t>(batch, args, warp);
   }
 }
 
@@ -1033,8 +929,39 @@ __global__ void __launch_bounds__(kFinalizeThreads)
     finalize_with_total_kernel(const __grid_constant__ TaskBatch batch, int64_t rows, const acc_t* denominator_parts,
                                int32_t denominator_slots, const acc_t* loss_parts, int64_t loss_parts_stride,
                                acc_t* losses, acc_t* inverse_denominators, const acc_t* task_weights, acc_t* total) {
-  finalize_batch_with_total<kFinalizeWarps>(batch, rows, denominator_parts, denominator_slots, loss_parts,
-                                            loss_parts_stride, losses, inverse_denominators, task_weights, total);
+  __shared__ acc_t weighted_losses[kMaxTasksPerLaunch];
+  const int warp = threadIdx.x / kWarpSize;
+  const int lane = threadIdx.x % kWarpSize;
+  for (int k = warp; k < batch.count; k += kFinalizeWarps) {  // uniform over the warp
+    const TaskMeta& task = batch.task[k];
+    const int64_t parts = loss_part_count(rows, task.width);
+    const acc_t* task_parts = loss_parts + int64_t(task.index) * loss_parts_stride;
+    acc_t sum = acc_t(0);
+    for (int64_t i = lane; i < parts; i += kWarpSize) {
+      sum += task_parts[i];
+    }
+    sum = group_all_reduce(sum, kWarpSize, Sum{});
+    const acc_t inv_denominator = inverse_denominator<acc_t>(denominator_parts, denominator_slots, task.index);
+    if (lane == 0) {
+      const acc_t loss = sum * inv_denominator;
+      losses[task.index] = loss;
+      if (inverse_denominators != nullptr) {
+        inverse_denominators[task.index] = inv_denominator;
+      }
+      weighted_losses[k] = loss * task_weights[task.index];
+    }
+  }
+  __syncthreads();
+  if (warp == 0) {
+    acc_t sum = acc_t(0);
+    for (int k = lane; k < batch.count; k += kWarpSize) {
+      sum += weighted_losses[k];
+    }
+    sum = group_all_reduce(sum, kWarpSize, Sum{});
+    if (lane == 0) {
+      *total = sum;
+    }
+  }
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -1356,7 +1283,7 @@ cudaError_t launch_denominators(InputDType dtype, const TaskBatch& batch, int64_
 
 namespace {
 
-// The checks launch_segment_losses and launch_fused_losses share, and the batch split between the two kernels:
+// launch_segment_losses's checks, and its batch split between the two kernels:
 // narrow segments get consecutive warp ranges in the warp kernel (first_warp, total_warps), wide ones a grid row
 // each in the block kernel.
 cudaError_t split_segments(const TaskBatch& batch, const SegmentArgs& args, TaskBatch& narrow, TaskBatch& wide) {
@@ -1390,9 +1317,9 @@ unsigned warp_kernel_blocks(const TaskBatch& narrow) {
   return static_cast<unsigned>((narrow.total_warps + kWarpsPerBlock - 1) / kWarpsPerBlock);
 }
 
-// Targets all warps of a task read together when they count its denominator themselves (inline_denominators_apply):
+// Targets all warps of a task read together when they count its denominator themselves (segment_counts_denominators):
 // 64 tasks of 256 binary rows read 2048 each (8 per lane), 512 rows 8192.
-constexpr int64_t kMaxInlineDenominatorReads = 16384;
+constexpr int64_t kMaxCountedDenominatorReads = 16384;
 
 }  // namespace
 
@@ -1404,11 +1331,14 @@ cudaError_t launch_segment_losses(InputDType dtype, const TaskBatch& batch, cons
   if (invalid != cudaSuccess) {
     return invalid;
   }
+  if (args.counted_denominators != nullptr &&
+      (args.row_begin != 0 || args.rows != args.row_stats_rows || !segment_counts_denominators(batch, args.rows))) {
+    return cudaErrorInvalidValue;
+  }
   dispatch_input_dtype(dtype, [&](auto tag) {
     using scalar_t = decltype(tag);
     if (narrow.count > 0) {
-      segment_loss_warp_kernel<scalar_t><<<warp_kernel_blocks(narrow), kWarpKernelThreads, 0, stream>>>(
-          narrow, args, LossFinish{});
+      segment_loss_warp_kernel<scalar_t><<<warp_kernel_blocks(narrow), kWarpKernelThreads, 0, stream>>>(narrow, args);
     }
     if (wide.count > 0) {
       const dim3 grid(static_cast<unsigned>(args.rows), wide.count);
@@ -1418,55 +1348,21 @@ cudaError_t launch_segment_losses(InputDType dtype, const TaskBatch& batch, cons
   return cudaGetLastError();
 }
 
-bool fused_losses_apply(const TaskBatch& batch, int64_t rows) {
-  if (!finalize_computes_total(batch, rows)) {
-    return false;
-  }
-  for (int i = 0; i < batch.count; ++i) {
-    if (batch.task[i].width > kMaxWarpSegmentWidth) {
-      return false;
-    }
-  }
-  return true;
-}
-
-bool inline_denominators_apply(const TaskBatch& batch, int64_t rows) {
-  if (!fused_losses_apply(batch, rows)) {
+bool segment_counts_denominators(const TaskBatch& batch, int64_t rows) {
+  if (!valid_batch(batch) || rows <= 0) {
     return false;
   }
   for (int i = 0; i < batch.count; ++i) {
     const TaskMeta& task = batch.task[i];
+    if (task.width > kMaxWarpSegmentWidth) {
+      return false;
+    }
     const int64_t read_per_warp = task.kind == kCrossEntropy ? rows : rows * task.width;
-    if (loss_part_count(rows, task.width) * read_per_warp > kMaxInlineDenominatorReads) {
+    if (loss_part_count(rows, task.width) * read_per_warp > kMaxCountedDenominatorReads) {
       return false;
     }
   }
   return true;
-}
-
-cudaError_t launch_fused_losses(InputDType dtype, const TaskBatch& batch, const SegmentArgs& args,
-                                const LossFinish& finish, cudaStream_t stream) {
-  if (!fused_losses_apply(batch, args.rows) || args.row_begin != 0 || finish.arrivals == nullptr ||
-      finish.task_weights == nullptr || finish.losses == nullptr || finish.total == nullptr ||
-      (finish.counted_denominators != nullptr && !inline_denominators_apply(batch, args.rows))) {
-    return cudaErrorInvalidValue;
-  }
-  TaskBatch narrow;
-  TaskBatch wide;
-  const cudaError_t invalid = split_segments(batch, args, narrow, wide);
-  if (invalid != cudaSuccess) {
-    return invalid;
-  }
-  const cudaError_t zeroed = cudaMemsetAsync(finish.arrivals, 0, sizeof(unsigned int), stream);
-  if (zeroed != cudaSuccess) {
-    return zeroed;
-  }
-  dispatch_input_dtype(dtype, [&](auto tag) {
-    using scalar_t = decltype(tag);
-    segment_loss_warp_kernel<scalar_t><<<warp_kernel_blocks(narrow), kWarpKernelThreads, 0, stream>>>(narrow, args,
-                                                                                                        finish);
-  });
-  return cudaGetLastError();
 }
 
 cudaError_t launch_finalize_losses(InputDType dtype, const TaskBatch& batch, int64_t rows,

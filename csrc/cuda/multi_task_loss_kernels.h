@@ -13,9 +13,8 @@
 //                               (called once per row chunk by the chunked op)
 //   3. launch_finalize_losses   per task: Σ loss partials in a fixed order × 1/denominator -> losses (T,)
 //      (or launch_finalize_losses_with_total for a single launch group of small heads: the total Σ λ_t L_t too)
-// multi_task_loss (no row chunks) with a single launch group of narrow tasks runs 2 and 3 as one launch instead,
-// launch_fused_losses: the last block of the segment pass to finish finalizes; and on small batches the segment
-// pass counts the denominators itself (every warp over its task's rows), so 1 is not launched either.
+// multi_task_loss (no row chunks) on a small batch of narrow tasks skips 1: the segment pass counts the
+// denominators itself (SegmentArgs::counted_denominators, segment_counts_denominators).
 // multi_task_loss_recompute's backward, per block of head columns of the recomputed logits:
 //   4. launch_gradient_from_stats  dz from the row statistics step 2 saved, × c_t / denominator_t, in place
 // multi_task_loss's backward (the GEMMs dh = dz W, dW = dzᵀ h and db = Σ_rows dz are ATen calls in the glue):
@@ -80,6 +79,11 @@ struct SegmentArgs {
                                   // statistics of every cross-entropy / distillation row (layout: the
                                   // multi_task_loss_recompute schema, csrc/registration.cpp); others left untouched
   int64_t row_stats_rows;         // N
+  void* counted_denominators;     // null: launch_denominators has filled denominator_parts. Else (T,
+                                  // kMaxDenominatorSlots) accumulation type, for a pass over the whole batch (row_begin
+                                  // 0, rows N) where segment_counts_denominators holds: every warp counts its task's
+                                  // denominator itself, the first one leaving it in slot 0 of the task's row (finalize
+                                  // it with 1 slot); denominator_parts is not read
 };
 
 // Per (task, row) values of SegmentArgs::row_stats (loss_math.h's kSavedRowStats).
@@ -180,32 +184,10 @@ cudaError_t launch_finalize_losses_with_total(InputDType dtype, const TaskBatch&
                                               void* inverse_denominators, const void* task_weights, void* total,
                                               cudaStream_t stream);
 
-// What launch_fused_losses does after the segment pass: the last block to finish computes the losses and the total
-// (launch_finalize_losses_with_total's values, same order of summation).
-struct LossFinish {
-  unsigned int* arrivals;        // one counter; the launcher zeroes it (a memset on the stream) before the kernel
-  const void* task_weights;      // (T,) accumulation type, contiguous
-  void* losses;                  // (T,) accumulation type
-  void* total;                   // one accumulation-type value: Σ λ_t L_t
-  void* inverse_denominators;    // null, or (T,) accumulation type
-  void* counted_denominators;    // null: launch_denominators has filled SegmentArgs::denominator_parts. Else
-                                 // (T, kMaxDenominatorSlots) accumulation type: the segment pass counts the
-                                 // denominators itself (inline_denominators_apply), the first warp of each task
-                                 // leaving its count in slot 0 of the task's row for the finalize
-};
-
-// Whether launch_fused_losses serves this batch of `rows` rows: finalize_computes_total and every task narrow
-// (width ≤ kMaxWarpSegmentWidth: the warp kernel alone covers the batch).
-bool fused_losses_apply(const TaskBatch& batch, int64_t rows);
-
-// Whether the segment pass may count the denominators itself: every warp reads all of its task's targets, so only
-// when that redundant reading stays small (a few hundred rows of narrow heads).
-bool inline_denominators_apply(const TaskBatch& batch, int64_t rows);
-
-// launch_segment_losses over all rows (row_begin 0) plus, in the same launch, the finalize of
-// launch_finalize_losses_with_total. Without finish.counted_denominators, launch_denominators must have run first.
-cudaError_t launch_fused_losses(InputDType dtype, const TaskBatch& batch, const SegmentArgs& args,
-                                const LossFinish& finish, cudaStream_t stream);
+// Whether launch_segment_losses may count the denominators itself (SegmentArgs::counted_denominators) for this
+// batch of `rows` rows: every task narrow (the warp kernel alone covers it) and the redundant reading small (every
+// warp reads all of its task's targets: a few hundred rows of narrow heads).
+bool segment_counts_denominators(const TaskBatch& batch, int64_t rows);
 
 // The backward of multi_task_loss_recompute for one block of head columns (a block per row, the tasks of the batch
 // that meet the block's columns in turn): no reduction, so any block boundaries give the same values.

@@ -176,25 +176,6 @@ inline int __any_sync(unsigned mask, int predicate) {
 
 inline int __all_sync(unsigned mask, int predicate) { return !__any_sync(mask, !predicate); }
 
-// Memory operations across blocks. Blocks run one after the other and a fiber switches only at a collective, so an
-// atomic is a plain read-modify-write, a fence has nothing to order and every load sees the last store.
-inline unsigned int atomicAdd(unsigned int* address, unsigned int value) {
-  const unsigned int old = *address;
-  *address = old + value;
-  return old;
-}
-inline void __threadfence() {}
-template <typename T>
-inline T __ldcg(const T* address) {
-  return *address;
-}
-
-// Stream operations run synchronously, as the launches do.
-inline cudaError_t cudaMemsetAsync(void* device_pointer, int value, std::size_t bytes, cudaStream_t = nullptr) {
-  std::memset(device_pointer, value, bytes);
-  return cudaSuccess;
-}
-
 // Round-to-nearest products that CUDA guarantees never to contract into an FMA (the emulation build compiles
 // with -ffp-contract=off, so a plain product is one).
 inline float __fmul_rn(float a, float b) { return a * b; }
