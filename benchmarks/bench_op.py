@@ -555,6 +555,10 @@ def bench_config(config: Config, providers: Sequence[str], device: torch.device,
 
 
 def git_sha() -> str:
+    # The device tool's copy of the working tree keeps the .git of the session's first call: its HEAD can be commits
+    # behind the files that run (rows said 50f9cfb-dirty for later commits). MTLFAST_GIT_SHA names the commit instead.
+    if os.environ.get("MTLFAST_GIT_SHA"):
+        return os.environ["MTLFAST_GIT_SHA"]
     try:
         out = subprocess.run(
             ["git", "-C", str(REPO_ROOT), "describe", "--always", "--dirty", "--abbrev=12"],

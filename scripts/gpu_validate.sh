@@ -6,7 +6,8 @@
 #   GPU_STAGES="tests selfcheck bench profile" BENCH_DTYPES=bfloat16 scripts/gpu_validate.sh     first call (~8 min)
 #   GPU_STAGES="suite bench train" BENCH_DTYPES=float32 scripts/gpu_validate.sh                  second call
 # The build runs in every call (a call may land on a fresh machine). First scripts/fetch_gpu_wheels.sh here (that
-# machine reaches no registry), then run(command="...", carry=[".gpu-wheels"]).
+# machine reaches no registry), then run(command="MTLFAST_GIT_SHA=<git rev-parse --short=12 HEAD here> ...",
+# carry=[".gpu-wheels"]): the device's copy of .git may be older than the files it runs (benchmarks/bench_op.py).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-$PWD/gpu-results}"
