@@ -53,6 +53,9 @@ constexpr int64_t kMinRowsPerBiasSlab = 256;
 constexpr int64_t kMaxBiasSlabs = 128;
 constexpr int64_t kMaxBiasPartials = int64_t(1) << 20;  // slabs · cols: the partials stay ≤ 4 MiB in fp32
 constexpr int64_t kMinRowsPerDenominatorSlot = 128;
+// Targets all warps of a task read together when they count its denominator themselves (segment_counts_denominators):
+// 64 tasks of 256 binary rows read 2048 each (8 per lane), 512 rows 8192.
+constexpr int64_t kMaxCountedDenominatorReads = 16384;
 
 // ---------------------------------------------------------------------------------------------------------------
 // Types
@@ -574,10 +577,14 @@ __device__ __forceinline__ typename ScalarTraits<scalar_t>::acc_t distillation_s
   return loss;
 }
 
-// The rows of one warp of the warp kernel: its task's loss and gradient, the loss of its rows in its partial slot.
 template <typename scalar_t>
-__device__ __forceinline__ void segment_warp_rows(const TaskBatch& batch, const SegmentArgs& args, int warp) {
+__global__ void __launch_bounds__(kWarpKernelThreads, kWarpKernelMinBlocks)
+    segment_loss_warp_kernel(const __grid_constant__ TaskBatch batch, const __grid_constant__ SegmentArgs args) {
   using acc_t = typename ScalarTraits<scalar_t>::acc_t;
+  const int warp = blockIdx.x * (kWarpKernelThreads / kWarpSize) + threadIdx.x / kWarpSize;
+  if (warp >= batch.total_warps) {
+    return;  // whole warps only: the shuffles below never miss a lane
+  }
   // The task owning this warp: the last one whose first warp is ≤ warp (tasks are in first_warp order).
   int lo = 0;
   int hi = batch.count - 1;
@@ -648,15 +655,6 @@ __device__ __forceinline__ void segment_warp_rows(const TaskBatch& batch, const 
   if (lane == 0) {
     const int64_t slot = (args.row_begin + first_row) / rows_per_warp;
     static_cast<acc_t*>(args.loss_parts)[int64_t(task.index) * args.loss_parts_stride + slot] = loss;
-  }
-}
-
-template <typename scalar_t>
-__global__ void __launch_bounds__(kWarpKernelThreads, kWarpKernelMinBlocks)
-    segment_loss_warp_kernel(const __grid_constant__ TaskBatch batch, const __grid_constant__ SegmentArgs args) {
-  const int warp = blockIdx.x * (kWarpKernelThreads / kWarpSize) + threadIdx.x / kWarpSize;
-  if (warp < batch.total_warps) {  // whole warps only: the shuffles never miss a lane
-    segment_warp_rows<scalar_t>(batch, args, warp);
   }
 }
 
@@ -1281,19 +1279,18 @@ cudaError_t launch_denominators(InputDType dtype, const TaskBatch& batch, int64_
   return cudaGetLastError();
 }
 
-namespace {
-
-// launch_segment_losses's checks, and its batch split between the two kernels:
-// narrow segments get consecutive warp ranges in the warp kernel (first_warp, total_warps), wide ones a grid row
-// each in the block kernel.
-cudaError_t split_segments(const TaskBatch& batch, const SegmentArgs& args, TaskBatch& narrow, TaskBatch& wide) {
+cudaError_t launch_segment_losses(InputDType dtype, const TaskBatch& batch, const SegmentArgs& args,
+                                  cudaStream_t stream) {
   const auto phase = [](const void* p) { return reinterpret_cast<uintptr_t>(p) % 16; };
   if (!valid_batch(batch) || args.rows <= 0 || args.rows > INT_MAX || args.row_begin % kRowAlignment != 0 ||
-      (args.grad != nullptr && phase(args.logits) != phase(args.grad))) {
+      (args.grad != nullptr && phase(args.logits) != phase(args.grad)) ||
+      (args.counted_denominators != nullptr &&
+       (args.row_begin != 0 || args.rows != args.row_stats_rows || !segment_counts_denominators(batch, args.rows)))) {
     return cudaErrorInvalidValue;
   }
-  narrow = TaskBatch{};
-  wide = TaskBatch{};
+  // Split the batch: narrow segments get consecutive warp ranges in the warp kernel, wide ones a grid row each.
+  TaskBatch narrow{};
+  TaskBatch wide{};
   int64_t warps = 0;
   for (int i = 0; i < batch.count; ++i) {
     TaskMeta task = batch.task[i];
@@ -1309,36 +1306,13 @@ cudaError_t split_segments(const TaskBatch& batch, const SegmentArgs& args, Task
     }
   }
   narrow.total_warps = static_cast<int32_t>(warps);
-  return cudaSuccess;
-}
 
-unsigned warp_kernel_blocks(const TaskBatch& narrow) {
-  constexpr int kWarpsPerBlock = kWarpKernelThreads / kWarpSize;
-  return static_cast<unsigned>((narrow.total_warps + kWarpsPerBlock - 1) / kWarpsPerBlock);
-}
-
-// Targets all warps of a task read together when they count its denominator themselves (segment_counts_denominators):
-// 64 tasks of 256 binary rows read 2048 each (8 per lane), 512 rows 8192.
-constexpr int64_t kMaxCountedDenominatorReads = 16384;
-
-}  // namespace
-
-cudaError_t launch_segment_losses(InputDType dtype, const TaskBatch& batch, const SegmentArgs& args,
-                                  cudaStream_t stream) {
-  TaskBatch narrow;
-  TaskBatch wide;
-  const cudaError_t invalid = split_segments(batch, args, narrow, wide);
-  if (invalid != cudaSuccess) {
-    return invalid;
-  }
-  if (args.counted_denominators != nullptr &&
-      (args.row_begin != 0 || args.rows != args.row_stats_rows || !segment_counts_denominators(batch, args.rows))) {
-    return cudaErrorInvalidValue;
-  }
   dispatch_input_dtype(dtype, [&](auto tag) {
     using scalar_t = decltype(tag);
     if (narrow.count > 0) {
-      segment_loss_warp_kernel<scalar_t><<<warp_kernel_blocks(narrow), kWarpKernelThreads, 0, stream>>>(narrow, args);
+      constexpr int kWarpsPerBlock = kWarpKernelThreads / kWarpSize;
+      const unsigned blocks = static_cast<unsigned>((warps + kWarpsPerBlock - 1) / kWarpsPerBlock);
+      segment_loss_warp_kernel<scalar_t><<<blocks, kWarpKernelThreads, 0, stream>>>(narrow, args);
     }
     if (wide.count > 0) {
       const dim3 grid(static_cast<unsigned>(args.rows), wide.count);
