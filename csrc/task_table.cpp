@@ -70,10 +70,12 @@ bool copyable_target_dtype(at::ScalarType type) {
 
 }  // namespace
 
-TargetPlan plan_kernel_targets(const TaskTable& table, at::TensorList targets, at::ScalarType acc_dtype) {
+TargetPlan plan_kernel_targets(const TaskTable& table, at::TensorList targets, at::ScalarType acc_dtype,
+                               std::optional<at::ScalarType> dense_in_place_dtype) {
   TargetPlan plan;
   plan.buffer_dtypes[1] = acc_dtype;
   plan.pointers.assign(table.num_tasks(), nullptr);
+  plan.dense_in_place.assign(table.num_tasks(), false);
   for (int64_t t = 0; t < table.num_tasks(); ++t) {
     const at::Tensor& y = targets[t];
     if (!y.defined()) {
@@ -82,6 +84,11 @@ TargetPlan plan_kernel_targets(const TaskTable& table, at::TensorList targets, a
     const at::ScalarType wanted = kernel_target_dtype(table, t, acc_dtype);
     if (y.scalar_type() == wanted && y.is_contiguous()) {
       plan.pointers[t] = y.const_data_ptr();
+      continue;
+    }
+    if (wanted != at::kLong && y.scalar_type() == dense_in_place_dtype && y.is_contiguous()) {
+      plan.pointers[t] = y.const_data_ptr();
+      plan.dense_in_place[t] = true;
       continue;
     }
     const int64_t width = table.class_dims[t] != 0 ? table.width(t) : 1;

@@ -239,8 +239,9 @@ def _as_given(values: torch.Tensor, dtype: torch.dtype, layout: str) -> torch.Te
     return values
 
 
-# (task, target dtype, layout): every dtype the backends convert in one pass, strided layouts, and layouts that take
-# Tensor.to instead.
+# (task, target dtype, layout): every dtype the backends convert in one pass, strided layouts, layouts that take
+# Tensor.to instead, and contiguous half / bfloat16 dense targets (which CUDA reads in place for a model of their
+# dtype, a narrow and a wide head each).
 _TARGET_FORMS = [
     (mf.Classification("ce", num_classes=5, label_smoothing=0.1), torch.int32, "column"),
     (mf.Classification("ce_long", num_classes=3), torch.int64, "column"),
@@ -254,6 +255,11 @@ _TARGET_FORMS = [
     (mf.Regression("huber", loss="huber", delta=0.5), torch.int16, "contiguous"),
     (mf.Distillation("kd", 6, temperature=2.0), torch.bfloat16, "class_major"),
     (mf.Distillation("kd_probs", 3, targets="probs"), torch.float16, "contiguous"),
+    (mf.Binary("bin_bf16_flat", pos_weight=0.5), torch.bfloat16, "contiguous"),
+    (mf.Regression("l1_bf16", dim=2, loss="l1"), torch.bfloat16, "contiguous"),
+    (mf.Regression("mse_f16", dim=3), torch.float16, "contiguous"),
+    (mf.Distillation("kd_wide_bf16", 1030, temperature=1.5), torch.bfloat16, "contiguous"),
+    (mf.Distillation("kd_wide_f16", 1027, targets="probs"), torch.float16, "contiguous"),
 ]
 
 

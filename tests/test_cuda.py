@@ -263,10 +263,11 @@ def test_backward_op_bad_column_task_gives_nan_not_a_read_out_of_bounds():
 
 
 @pytest.mark.parametrize("chunk_rows", [None, 32, "recompute"])
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16], ids=str)
 def test_targets_in_any_dtype_and_layout(dtype, chunk_rows):
     """Targets not in the kernel layout (another dtype, strided) give bitwise the results of the same values given
-    contiguous in the kernel dtype, whether the glue packs them in one launch or converts them with Tensor.to."""
+    contiguous in the kernel dtype, whether the glue packs them in one launch, converts them with Tensor.to or (dense
+    targets of a half / bfloat16 model in its dtype) lets the kernels read them in place."""
     kwargs = dict(dtype=dtype, device=DEVICE, chunk_rows=None if chunk_rows == "recompute" else chunk_rows,
                   recompute_logits=True if chunk_rows == "recompute" else None)
     given, expected_form = targets_in_many_forms(14, dtype, DEVICE)

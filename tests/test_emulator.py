@@ -110,6 +110,25 @@ def test_targets_outside_the_kernel_layout_are_converted_in_one_launch():
     torch.testing.assert_close(heads(h, targets).loss_vector, heads(h, in_kernel_layout).loss_vector, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_dense_targets_in_the_model_dtype_are_read_in_place(dtype):
+    """Binary / regression / distillation targets of a half or bfloat16 model, given contiguous in its dtype: no
+    packing launch (the kernels convert them as they read), and the results of the same values given in fp32."""
+    tasks = [mf.Binary(f"b{i}") for i in range(6)] + [mf.Regression("r", dim=3), mf.Distillation("kd", 5)]
+    tasks += [mf.Classification("ce", num_classes=4)]  # int64 class indices: read in place in every model dtype
+    case = make_case(7, tasks, batch_shape=(20,), features=4)
+    model_dtype = {name: y.to(dtype) if y.is_floating_point() else y for name, y in case.targets.items()}
+    as_fp32 = {name: y.float() if y.is_floating_point() else y for name, y in model_dtype.items()}
+    heads = mf.MultiTaskHeads(4, tasks, dtype=dtype)
+    h = case.h.to(dtype)
+    heads(h, model_dtype).loss  # warm-up: the layout's tables
+    in_place = _launches(lambda: heads(h, model_dtype).loss)
+    assert in_place == 2  # the segment pass (counting the denominators) and the finalize
+    assert _launches(lambda: heads(h, as_fp32).loss) == in_place  # fp32 targets of a half model: read in place too
+    assert _launches(lambda: heads(h, {**model_dtype, "b0": model_dtype["b0"].double()}).loss) == in_place + 1
+    torch.testing.assert_close(heads(h, model_dtype).loss_vector, heads(h, as_fp32).loss_vector, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("chunk_rows", [None, 32])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16], ids=str)
 def test_results_do_not_depend_on_the_thread_order(thread_order, dtype, chunk_rows):

@@ -473,7 +473,7 @@ def test_autocast_bfloat16(chunk_rows):
 
 
 @pytest.mark.parametrize("chunk_rows, recompute_logits", PATHS)
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16], ids=str)
 def test_targets_in_any_dtype_and_layout_match_the_kernel_layout(dtype, chunk_rows, recompute_logits):
     """bool / integer / half / double targets, columns of a label matrix, class-major and non-flattenable layouts:
     bitwise the results of the same values given as contiguous arrays of the kernel dtype (the backends convert

@@ -67,12 +67,15 @@ cuda::TargetSourceDType target_source_dtype(at::ScalarType type) {
   }
 }
 
-// The targets of the present tasks in the kernel layout (plan_kernel_targets): the planned copies (bf16 labels of a
-// bf16 model, integer labels, columns of a label matrix) made by one launch per kernel dtype and 64 tasks, not an
-// ATen conversion (a launch and an allocation) per task. plan.converted keeps what the pointers point into alive.
+// The targets of the present tasks where the kernels read them (plan_kernel_targets): contiguous ones in the kernel
+// dtype, or dense ones in a half / bfloat16 model's own dtype, in place; the planned copies (integer labels, columns
+// of a label matrix, float labels of a bf16 model) made by one launch per kernel dtype and 64 tasks, not an ATen
+// conversion (a launch and an allocation) per task. plan.converted keeps what the pointers point into alive.
 TargetPlan kernel_targets(const TaskTable& table, at::TensorList given, const at::Tensor& h, cudaStream_t stream) {
   const at::ScalarType acc = accumulation_dtype(h.scalar_type());
-  TargetPlan plan = plan_kernel_targets(table, given, acc);
+  const bool reduced_precision = h.scalar_type() == at::kHalf || h.scalar_type() == at::kBFloat16;
+  TargetPlan plan = plan_kernel_targets(table, given, acc,
+                                        reduced_precision ? std::optional(h.scalar_type()) : std::nullopt);
   const cuda::TargetKernelDType kernel_dtypes[2] = {
       cuda::TargetKernelDType::kLong,
       acc == at::kDouble ? cuda::TargetKernelDType::kDouble : cuda::TargetKernelDType::kFloat};
@@ -137,7 +140,9 @@ struct KernelTasks {
         meta.col_offset = table.col_offsets[t];
         meta.ignore_index = table.ignore_index[t];
         meta.param = table.params[t];
-        meta.kind = static_cast<int32_t>(table.kinds[t]);
+        meta.kind = static_cast<int16_t>(table.kinds[t]);
+        meta.dense_target_dtype =
+            targets.dense_in_place[t] ? cuda::DenseTargetDType::kInput : cuda::DenseTargetDType::kAccumulation;
         meta.width = static_cast<int32_t>(table.width(t));
         meta.index = static_cast<int32_t>(t);
       }

@@ -91,6 +91,43 @@ struct ScalarTraits<__nv_bfloat16> {
   static __device__ __forceinline__ __nv_bfloat16 from_acc(float v) { return __float2bfloat16_rn(v); }
 };
 
+// A target value as the accumulation type (a target stored in the input dtype, or already in the accumulation one).
+template <typename stored_t>
+__device__ __forceinline__ typename ScalarTraits<stored_t>::acc_t widen(stored_t v) {
+  return ScalarTraits<stored_t>::to_acc(v);
+}
+
+// A task's dense targets from element `offset` on (row-major (N, width)), read as the accumulation type whichever
+// dtype TaskMeta::dense_target_dtype says they are stored in: a branch per element, for scalar loops.
+template <typename scalar_t>
+struct DenseTargets {
+  using acc_t = typename ScalarTraits<scalar_t>::acc_t;
+  const void* base;     // element 0 of this view
+  bool in_input_dtype;  // scalar_t, else acc_t
+
+  __device__ __forceinline__ DenseTargets(const TaskMeta& task, int64_t offset)
+      : base(task.dense_target_dtype == DenseTargetDType::kInput
+                 ? static_cast<const void*>(static_cast<const scalar_t*>(task.target) + offset)
+                 : static_cast<const void*>(static_cast<const acc_t*>(task.target) + offset)),
+        in_input_dtype(task.dense_target_dtype == DenseTargetDType::kInput) {}
+
+  __device__ __forceinline__ acc_t operator[](int64_t i) const {
+    return in_input_dtype ? widen(static_cast<const scalar_t*>(base)[i]) : static_cast<const acc_t*>(base)[i];
+  }
+};
+
+// visit(y) with y a typed pointer to the same targets (const scalar_t* or const acc_t*; read them with widen): one
+// branch per call, for the 16-byte packed visits, where a branch per element made ptxas spill (sm_90, bf16).
+template <typename scalar_t, typename Visit>
+__device__ __forceinline__ void with_dense_targets(const TaskMeta& task, int64_t offset, Visit visit) {
+  using acc_t = typename ScalarTraits<scalar_t>::acc_t;
+  if (task.dense_target_dtype == DenseTargetDType::kInput) {
+    visit(static_cast<const scalar_t*>(task.target) + offset);
+  } else {
+    visit(static_cast<const acc_t*>(task.target) + offset);
+  }
+}
+
 // Finite stand-in for -inf as the initial running max: exp(lowest - v) is 0, never exp(-inf + inf) = NaN.
 template <typename acc_t>
 __device__ __forceinline__ acc_t lowest();
@@ -219,7 +256,7 @@ __device__ __forceinline__ acc_t inverse_denominator(const void* parts, int32_t 
 // targets. Per-element loops are strided over `threads` threads (this one is `thread`); distillation rows go to the
 // `warps` warps (this thread's is `warp`), lanes along the row. The caller sums the shares over the threads; all
 // lanes of each warp must call it.
-template <typename acc_t>
+template <typename scalar_t, typename acc_t = typename ScalarTraits<scalar_t>::acc_t>
 __device__ __forceinline__ acc_t denominator_share(const TaskMeta& task, int64_t begin, int64_t end,
                                                    const acc_t* col_weight, int thread, int threads, int warp,
                                                    int warps) {
@@ -241,7 +278,7 @@ __device__ __forceinline__ acc_t denominator_share(const TaskMeta& task, int64_t
     }
   } else if (is_distillation(task.kind)) {
     // Valid rows: a NaN anywhere marks the row missing. A warp per row, reading along it (coalesced).
-    const acc_t* y = static_cast<const acc_t*>(task.target);
+    const DenseTargets<scalar_t> y(task, 0);
     const int lane = threadIdx.x % kWarpSize;
     for (int64_t r = begin + warp; r < end; r += warps) {  // uniform over the warp
       bool missing = false;
@@ -254,7 +291,7 @@ __device__ __forceinline__ acc_t denominator_share(const TaskMeta& task, int64_t
       }
     }
   } else if (task.kind != kNone) {
-    const acc_t* y = static_cast<const acc_t*>(task.target);
+    const DenseTargets<scalar_t> y(task, 0);
 #pragma unroll 8
     for (int64_t i = begin * task.width + thread; i < end * task.width; i += threads) {
       count += isnan(y[i]) ? 0 : 1;
@@ -471,7 +508,7 @@ __device__ __forceinline__ typename ScalarTraits<scalar_t>::acc_t dense_segment_
   if (!r.active) {
     return acc_t(0);
   }
-  const acc_t* y = static_cast<const acc_t*>(task.target) + r.row * task.width;
+  const DenseTargets<scalar_t> y(task, r.row * task.width);
   const acc_t* pos_weight =
       args.col_weight != nullptr ? static_cast<const acc_t*>(args.col_weight) + task.col_offset : nullptr;
   const acc_t task_param = acc_t(task.param);
@@ -540,7 +577,7 @@ __device__ __forceinline__ typename ScalarTraits<scalar_t>::acc_t distillation_s
   const bool from_logits = distillation_targets_are_logits(task.kind);
   const acc_t temperature = acc_t(task.param);
   const acc_t inv_temperature = acc_t(1) / temperature;
-  const acc_t* y = static_cast<const acc_t*>(task.target) + r.row * task.width;
+  const DenseTargets<scalar_t> y(task, r.row * task.width);
 
   // Pass 1: the row's statistics, reduced over its lane group (inactive lanes join with empty ones).
   DistillationStats<acc_t> stats = empty_distillation_stats<acc_t>();
@@ -614,7 +651,8 @@ __global__ void __launch_bounds__(kWarpKernelThreads, kWarpKernelMinBlocks)
   if (args.counted_denominators != nullptr) {
     // Every warp of the task counts the same targets in the same order: bitwise the same denominator everywhere.
     const acc_t denominator = group_all_reduce(
-        denominator_share(task, 0, args.rows, static_cast<const acc_t*>(args.col_weight), lane, kWarpSize, 0, 1),
+        denominator_share<scalar_t>(task, 0, args.rows, static_cast<const acc_t*>(args.col_weight), lane, kWarpSize,
+                                    0, 1),
         kWarpSize, Sum{});
     if (warp == task.first_warp && lane == 0) {  // for the finalize, as launch_denominators' only slot
       static_cast<acc_t*>(args.counted_denominators)[int64_t(task.index) * kMaxDenominatorSlots] = denominator;
@@ -731,21 +769,23 @@ __device__ __forceinline__ typename ScalarTraits<scalar_t>::acc_t dense_segment_
     typename ScalarTraits<scalar_t>::acc_t inv_denominator) {
   using acc_t = typename ScalarTraits<scalar_t>::acc_t;
   __shared__ acc_t scratch[kRowKernelWarps];
-  const acc_t* y = static_cast<const acc_t*>(task.target) + row * task.width;
   const acc_t* pos_weight =
       args.col_weight != nullptr ? static_cast<const acc_t*>(args.col_weight) + task.col_offset : nullptr;
   const acc_t task_param = acc_t(task.param);
   acc_t loss = acc_t(0);
-  const auto element = [&](int64_t c, acc_t z) {
-    acc_t g;
-    loss += dense_element<kKind>(z, y[c], dense_param<kKind>(pos_weight, c, task_param), inv_denominator, &g);
-    return g;
-  };
-  if (grad != nullptr) {  // uniform over the block
-    for_each_in_segment<true, true>(logits, grad, task.width, element);
-  } else {
-    for_each_in_segment<true, false>(logits, grad, task.width, element);
-  }
+  with_dense_targets<scalar_t>(task, row * task.width, [&](const auto* y) {
+    const auto element = [&](int64_t c, acc_t z) {
+      acc_t g;
+      loss += dense_element<kKind>(z, widen(y[c]), dense_param<kKind>(pos_weight, c, task_param), inv_denominator,
+                                   &g);
+      return g;
+    };
+    if (grad != nullptr) {  // uniform over the block
+      for_each_in_segment<true, true>(logits, grad, task.width, element);
+    } else {
+      for_each_in_segment<true, false>(logits, grad, task.width, element);
+    }
+  });
   return block_all_reduce<kRowKernelWarps>(loss, Sum{}, scratch);
 }
 
@@ -801,7 +841,7 @@ __device__ __forceinline__ typename ScalarTraits<scalar_t>::acc_t distillation_s
   const bool from_logits = distillation_targets_are_logits(task.kind);
   const acc_t temperature = acc_t(task.param);
   const acc_t inv_temperature = acc_t(1) / temperature;
-  const acc_t* y = static_cast<const acc_t*>(task.target) + row * task.width;
+  const DenseTargets<scalar_t> y(task, row * task.width);
 
   DistillationStats<acc_t> stats = empty_distillation_stats<acc_t>();
   for (int64_t c = threadIdx.x; c < task.width; c += blockDim.x) {
@@ -878,7 +918,7 @@ __global__ void __launch_bounds__(kRowKernelThreads)
 // Denominators and final losses
 
 // Block (slot, task): the denominator contribution of rows [slot·per_slot, (slot+1)·per_slot).
-template <typename acc_t>
+template <typename scalar_t, typename acc_t = typename ScalarTraits<scalar_t>::acc_t>
 __global__ void __launch_bounds__(kDenominatorThreads)
     denominator_kernel(const __grid_constant__ TaskBatch batch, int64_t rows, const acc_t* col_weight,
                        acc_t* parts) {
@@ -887,7 +927,7 @@ __global__ void __launch_bounds__(kDenominatorThreads)
   const int64_t per_slot = (rows + gridDim.x - 1) / gridDim.x;
   const int64_t begin = blockIdx.x * per_slot;
   const int64_t end = begin + per_slot < rows ? begin + per_slot : rows;
-  const acc_t share = denominator_share(task, begin, end, col_weight, threadIdx.x, blockDim.x,
+  const acc_t share = denominator_share<scalar_t>(task, begin, end, col_weight, threadIdx.x, blockDim.x,
                                         threadIdx.x / kWarpSize, kDenominatorWarps);
   const acc_t total = block_all_reduce<kDenominatorWarps>(share, Sum{}, scratch);
   if (threadIdx.x == 0) {
@@ -974,15 +1014,16 @@ __device__ __forceinline__ void dense_gradient(const TaskMeta& task, const Gradi
                                                int64_t first_class, int64_t n, scalar_t* z,
                                                typename ScalarTraits<scalar_t>::acc_t scale) {
   using acc_t = typename ScalarTraits<scalar_t>::acc_t;
-  const acc_t* y = static_cast<const acc_t*>(task.target) + row * task.width + first_class;
   const acc_t* pos_weight = args.col_weight != nullptr
                                 ? static_cast<const acc_t*>(args.col_weight) + task.col_offset + first_class
                                 : nullptr;
   const acc_t task_param = acc_t(task.param);
-  for_each_in_segment<true, true>(z, z, n, [&](int64_t c, acc_t logit) {
-    acc_t grad;
-    dense_element<kKind>(logit, y[c], dense_param<kKind>(pos_weight, c, task_param), scale, &grad);
-    return grad;
+  with_dense_targets<scalar_t>(task, row * task.width + first_class, [&](const auto* y) {
+    for_each_in_segment<true, true>(z, z, n, [&](int64_t c, acc_t logit) {
+      acc_t grad;
+      dense_element<kKind>(logit, widen(y[c]), dense_param<kKind>(pos_weight, c, task_param), scale, &grad);
+      return grad;
+    });
   });
 }
 
@@ -1019,7 +1060,7 @@ __device__ __forceinline__ void distillation_gradient(const TaskMeta& task, cons
   const SavedDistillationRow<acc_t> saved =
       saved_distillation_row(acc_t(task.param), saved_row<scalar_t>(task, args, row));
   const bool from_logits = distillation_targets_are_logits(task.kind);
-  const acc_t* y = static_cast<const acc_t*>(task.target) + row * task.width + first_class;
+  const DenseTargets<scalar_t> y(task, row * task.width + first_class);
   for_each_in_segment<true, true>(z, z, n, [&](int64_t c, acc_t logit) {
     return saved_distillation_grad(saved, from_logits, logit, y[c]) * scale;
   });
@@ -1269,13 +1310,12 @@ cudaError_t launch_denominators(InputDType dtype, const TaskBatch& batch, int64_
     return cudaErrorInvalidValue;
   }
   const dim3 grid(slots, batch.count);
-  if (dtype == InputDType::kDouble) {
-    denominator_kernel<double><<<grid, kDenominatorThreads, 0, stream>>>(
-        batch, rows, static_cast<const double*>(col_weight), static_cast<double*>(denominator_parts));
-  } else {
-    denominator_kernel<float><<<grid, kDenominatorThreads, 0, stream>>>(
-        batch, rows, static_cast<const float*>(col_weight), static_cast<float*>(denominator_parts));
-  }
+  dispatch_input_dtype(dtype, [&](auto tag) {  // the input dtype: dense targets may be stored in it
+    using scalar_t = decltype(tag);
+    using acc_t = typename ScalarTraits<scalar_t>::acc_t;
+    denominator_kernel<scalar_t><<<grid, kDenominatorThreads, 0, stream>>>(
+        batch, rows, static_cast<const acc_t*>(col_weight), static_cast<acc_t*>(denominator_parts));
+  });
   return cudaGetLastError();
 }
 

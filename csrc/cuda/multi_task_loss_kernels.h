@@ -3,8 +3,9 @@
 // the ATen glue in multi_task_loss_cuda.cpp.
 //
 // One op call runs, on one stream and without host syncs:
-//   0. launch_pack_targets      only for targets the kernels cannot read in place (another dtype, strided): all of
-//                               them converted to the kernel layout at once
+//   0. launch_pack_targets      only for targets the kernels cannot read in place (strided, or a dtype other than
+//                               int64 class indices / dense targets in the accumulation type or, for a half /
+//                               bfloat16 model, in its own dtype): all of them converted to the kernel layout at once
 //   1. launch_denominators      per task and row slot: Σ class weight of valid targets (CE) / count of non-NaN
 //                               targets (element-wise kinds) / count of rows without NaN (distillation)
 //                                                                -> denominator partials (T, kMaxDenominatorSlots)
@@ -45,16 +46,23 @@ constexpr int64_t kRowAlignment = 32;
 // type: double for kDouble, float otherwise.
 enum class InputDType { kFloat, kDouble, kHalf, kBFloat16 };
 
+// The dtype a dense target (every kind but cross-entropy) is read in. kInput: the targets of a half / bfloat16 model
+// given in its own dtype, read where they are (no conversion launch, no fp32 copy of a wide teacher's logits).
+enum class DenseTargetDType : int16_t { kAccumulation, kInput };
+
 struct TaskMeta {
-  const void* target;    // int64 (N,) class indices (CE); (N, width) accumulation type (dense); null for kNone
+  const void* target;    // int64 (N,) class indices (CE); (N, width) dense_target_dtype (dense); null for kNone
   int64_t col_offset;    // first head column of the task
   int64_t ignore_index;  // CE only
   double param;          // label smoothing (CE) / delta (Huber) / temperature (distillation)
-  int32_t kind;          // mtlfast::LossKind
+  int16_t kind;          // mtlfast::LossKind
+  DenseTargetDType dense_target_dtype;  // (kind and this share 4 bytes: 64 tasks' metadata stay a 3 KiB parameter)
   int32_t width;         // C_t
   int32_t index;         // the task's row in the per-task buffers (partials, losses)
   int32_t first_warp;    // set by launch_segment_losses: first warp of the task in the warp-per-row kernel
 };
+
+static_assert(sizeof(TaskMeta) == 48, "TaskBatch travels as a kernel parameter: keep TaskMeta small");
 
 struct TaskBatch {
   int32_t count;        // tasks in use, ≤ kMaxTasksPerLaunch

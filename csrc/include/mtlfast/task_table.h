@@ -6,6 +6,7 @@
 #include <c10/util/ArrayRef.h>
 #include <c10/util/Optional.h>
 
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -75,6 +76,7 @@ struct TargetPlan {
     int64_t offset;      // of its first entry in the buffer
   };
   std::vector<const void*> pointers;  // per task; null for absent tasks and, until the backend makes them, copies
+  std::vector<bool> dense_in_place;   // per task: pointers[t] is the dense target as given, in dense_in_place_dtype
   std::vector<at::Tensor> converted;  // the Tensor.to results the pointers point into
   std::vector<Copy> copies[2];        // into the int64 buffer (class indices) / the accumulation-dtype one
   int64_t buffer_sizes[2] = {0, 0};
@@ -82,8 +84,11 @@ struct TargetPlan {
 };
 
 // targets: per task, validated (batch shape (+ C_t), h's device) or undefined when absent. Copies are only planned
-// for bool, (u)int8/16/32/64-bit integer and half / bfloat16 / float / double targets.
-TargetPlan plan_kernel_targets(const TaskTable& table, at::TensorList targets, at::ScalarType acc_dtype);
+// for bool, (u)int8/16/32/64-bit integer and half / bfloat16 / float / double targets. A backend whose kernels also
+// read dense targets in another dtype names it as dense_in_place_dtype (CUDA: the half / bfloat16 input dtype);
+// contiguous dense targets in it are then left in place.
+TargetPlan plan_kernel_targets(const TaskTable& table, at::TensorList targets, at::ScalarType acc_dtype,
+                               std::optional<at::ScalarType> dense_in_place_dtype = std::nullopt);
 
 // Σ_t λ_t L_t as a 0-dim tensor (losses and task_weights in the accumulation dtype, on one device).
 at::Tensor weighted_total(const at::Tensor& losses, const at::Tensor& task_weights);
