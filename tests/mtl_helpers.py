@@ -259,6 +259,7 @@ _TARGET_FORMS = [
     (mf.Regression("l1_bf16", dim=2, loss="l1"), torch.bfloat16, "contiguous"),
     (mf.Regression("mse_f16", dim=3), torch.float16, "contiguous"),
     (mf.Distillation("kd_wide_bf16", 1030, temperature=1.5), torch.bfloat16, "contiguous"),
+    (mf.MultiLabel("tags_wide_bf16", num_labels=1025), torch.bfloat16, "contiguous"),
     (mf.Distillation("kd_wide_f16", 1027, targets="probs"), torch.float16, "contiguous"),
 ]
 
