@@ -50,21 +50,19 @@ at::ScalarType kernel_target_dtype(const TaskTable& table, int64_t task, at::Sca
 
 namespace {
 
-bool copyable_target_dtype(at::ScalarType type) {
+std::optional<TargetSourceDType> target_source_dtype(at::ScalarType type) {
   switch (type) {
-    case at::kBool:
-    case at::kByte:
-    case at::kChar:
-    case at::kShort:
-    case at::kInt:
-    case at::kLong:
-    case at::kHalf:
-    case at::kBFloat16:
-    case at::kFloat:
-    case at::kDouble:
-      return true;
-    default:
-      return false;
+    case at::kBool: return TargetSourceDType::kBool;
+    case at::kByte: return TargetSourceDType::kUInt8;
+    case at::kChar: return TargetSourceDType::kInt8;
+    case at::kShort: return TargetSourceDType::kInt16;
+    case at::kInt: return TargetSourceDType::kInt32;
+    case at::kLong: return TargetSourceDType::kInt64;
+    case at::kHalf: return TargetSourceDType::kHalf;
+    case at::kBFloat16: return TargetSourceDType::kBFloat16;
+    case at::kFloat: return TargetSourceDType::kFloat;
+    case at::kDouble: return TargetSourceDType::kDouble;
+    default: return std::nullopt;
   }
 }
 
@@ -93,7 +91,8 @@ TargetPlan plan_kernel_targets(const TaskTable& table, at::TensorList targets, a
     }
     const int64_t width = table.class_dims[t] != 0 ? table.width(t) : 1;
     const int64_t kernel_shape[2] = {table.rows, width};
-    const auto strides = copyable_target_dtype(y.scalar_type())
+    const std::optional<TargetSourceDType> source_dtype = target_source_dtype(y.scalar_type());
+    const auto strides = source_dtype.has_value()
                              ? at::detail::computeStride(y.sizes(), y.strides(), c10::IntArrayRef(kernel_shape))
                              : std::nullopt;
     if (!strides.has_value()) {
@@ -102,7 +101,7 @@ TargetPlan plan_kernel_targets(const TaskTable& table, at::TensorList targets, a
       continue;
     }
     const int which = wanted == at::kLong ? 0 : 1;
-    plan.copies[which].push_back({t, width, (*strides)[0], (*strides)[1], plan.buffer_sizes[which]});
+    plan.copies[which].push_back({t, width, (*strides)[0], (*strides)[1], plan.buffer_sizes[which], *source_dtype});
     plan.buffer_sizes[which] += table.rows * width;
   }
   return plan;

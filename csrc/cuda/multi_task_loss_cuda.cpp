@@ -50,23 +50,6 @@ cuda::InputDType kernel_dtype(at::ScalarType type) {
   return cuda::InputDType::kBFloat16;
 }
 
-cuda::TargetSourceDType target_source_dtype(at::ScalarType type) {
-  switch (type) {
-    case at::kBool: return cuda::TargetSourceDType::kBool;
-    case at::kByte: return cuda::TargetSourceDType::kUInt8;
-    case at::kChar: return cuda::TargetSourceDType::kInt8;
-    case at::kShort: return cuda::TargetSourceDType::kInt16;
-    case at::kInt: return cuda::TargetSourceDType::kInt32;
-    case at::kLong: return cuda::TargetSourceDType::kInt64;
-    case at::kHalf: return cuda::TargetSourceDType::kHalf;
-    case at::kBFloat16: return cuda::TargetSourceDType::kBFloat16;
-    case at::kFloat: return cuda::TargetSourceDType::kFloat;
-    default:
-      TORCH_CHECK(type == at::kDouble, "mtlfast: no packed conversion of ", type, " targets");  // plan_kernel_targets
-      return cuda::TargetSourceDType::kDouble;
-  }
-}
-
 // The targets of the present tasks where the kernels read them (plan_kernel_targets): contiguous ones in the kernel
 // dtype, or dense ones in a half / bfloat16 model's own dtype, in place; the planned copies (integer labels, columns
 // of a label matrix, float labels of a bf16 model) made by one launch per kernel dtype and 64 tasks, not an ATen
@@ -91,7 +74,7 @@ TargetPlan kernel_targets(const TaskTable& table, at::TensorList given, const at
       for (size_t i = begin; i < end; ++i) {
         const at::Tensor& y = given[copies[i].task];
         batch.copy[batch.count++] = {y.const_data_ptr(), copies[i].row_stride, copies[i].col_stride, copies[i].width,
-                                     copies[i].offset, target_source_dtype(y.scalar_type())};
+                                     copies[i].offset, copies[i].source_dtype};
       }
       C10_CUDA_CHECK(
           cuda::launch_pack_targets(kernel_dtypes[which], batch, table.rows, buffer.mutable_data_ptr(), stream));

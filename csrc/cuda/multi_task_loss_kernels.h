@@ -28,6 +28,7 @@
 #include <cstdint>
 
 #include "mtlfast/loss_math.h"
+#include "mtlfast/target_dtypes.h"
 
 namespace mtlfast {
 namespace cuda {
@@ -111,11 +112,7 @@ struct GradientArgs {
   const void* scales;     // (T,) accumulation type: c_t / denominator_t
 };
 
-// The dtypes a target may come in (those the glue packs; any other goes through an ATen conversion).
-enum class TargetSourceDType : int32_t {
-  kBool, kUInt8, kInt8, kInt16, kInt32, kInt64, kHalf, kBFloat16, kFloat, kDouble
-};
-// The dtypes the kernels read targets in: int64 class indices, dense targets in the accumulation type.
+// The dtypes launch_pack_targets writes: int64 class indices, dense targets in the accumulation type.
 enum class TargetKernelDType { kLong, kFloat, kDouble };
 
 // One task's target for launch_pack_targets: a (rows, width) view of it, its entries copied row-major to

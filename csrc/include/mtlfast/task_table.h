@@ -10,6 +10,8 @@
 #include <string>
 #include <vector>
 
+#include "mtlfast/target_dtypes.h"
+
 namespace mtlfast {
 
 struct TaskTable {
@@ -74,6 +76,7 @@ struct TargetPlan {
     int64_t row_stride;  // entry (r, c) of the target at r * row_stride + c * col_stride (elements)
     int64_t col_stride;
     int64_t offset;      // of its first entry in the buffer
+    TargetSourceDType source_dtype;
   };
   std::vector<const void*> pointers;  // per task; null for absent tasks and, until the backend makes them, copies
   std::vector<bool> dense_in_place;   // per task: pointers[t] is the dense target as given, in dense_in_place_dtype
@@ -84,7 +87,7 @@ struct TargetPlan {
 };
 
 // targets: per task, validated (batch shape (+ C_t), h's device) or undefined when absent. Copies are only planned
-// for bool, (u)int8/16/32/64-bit integer and half / bfloat16 / float / double targets. A backend whose kernels also
+// for targets in a TargetSourceDType. A backend whose kernels also
 // read dense targets in another dtype names it as dense_in_place_dtype (CUDA: the half / bfloat16 input dtype);
 // contiguous dense targets in it are then left in place.
 TargetPlan plan_kernel_targets(const TaskTable& table, at::TensorList targets, at::ScalarType acc_dtype,
