@@ -87,9 +87,8 @@ struct TargetPlan {
 };
 
 // targets: per task, validated (batch shape (+ C_t), h's device) or undefined when absent. Copies are only planned
-// for targets in a TargetSourceDType. A backend whose kernels also
-// read dense targets in another dtype names it as dense_in_place_dtype (CUDA: the half / bfloat16 input dtype);
-// contiguous dense targets in it are then left in place.
+// for targets in a TargetSourceDType. A backend whose kernels also read dense targets in another dtype names it as
+// dense_in_place_dtype (CUDA: the half / bfloat16 input dtype); contiguous dense targets in it are left in place.
 TargetPlan plan_kernel_targets(const TaskTable& table, at::TensorList targets, at::ScalarType acc_dtype,
                                std::optional<at::ScalarType> dense_in_place_dtype = std::nullopt);
 
