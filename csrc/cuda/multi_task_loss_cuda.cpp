@@ -56,9 +56,9 @@ cuda::InputDType kernel_dtype(at::ScalarType type) {
 // conversion (a launch and an allocation) per task. plan.converted keeps what the pointers point into alive.
 TargetPlan kernel_targets(const TaskTable& table, at::TensorList given, const at::Tensor& h, cudaStream_t stream) {
   const at::ScalarType acc = accumulation_dtype(h.scalar_type());
-  const bool reduced_precision = h.scalar_type() == at::kHalf || h.scalar_type() == at::kBFloat16;
-  TargetPlan plan = plan_kernel_targets(table, given, acc,
-                                        reduced_precision ? std::optional(h.scalar_type()) : std::nullopt);
+  // The kernels read dense targets in the input dtype too (for a float / double model that is the accumulation
+  // dtype, in place already).
+  TargetPlan plan = plan_kernel_targets(table, given, acc, h.scalar_type());
   const cuda::TargetKernelDType kernel_dtypes[2] = {
       cuda::TargetKernelDType::kLong,
       acc == at::kDouble ? cuda::TargetKernelDType::kDouble : cuda::TargetKernelDType::kFloat};
